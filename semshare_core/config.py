@@ -1,0 +1,145 @@
+"""Settings of the engine: how references are found and reused, and how text is generated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MATCHERS = ("context", "cosine", "lsh")
+
+
+@dataclass(frozen=True)
+class ReuseConfig:
+    """How a new prompt borrows the KV cache of a stored reference.
+
+    Attributes:
+        enabled: Reuse stored caches at all. False makes every call a full prefill.
+        similarity_threshold: Minimum prompt similarity in [0, 1] to reuse a reference.
+            Similarity is the share of the new prompt's tokens whose E-cache LSH code
+            occurs in the reference.
+        min_prompt_tokens: Prompts shorter than this run a full prefill, because
+            below a few hundred tokens the fixed costs of reuse outweigh its gain.
+        matcher: Token matcher: "context" (longest identical left context, the
+            default), "cosine" (brute-force cosine over E-cache vectors) or "lsh"
+            (random-hyperplane LSH over E-cache vectors).
+        max_context: Longest left context, in tokens, that the context matcher compares.
+        min_match_similarity: Cosine below which a fuzzy ("cosine" or "lsh") token
+            match counts as unmatched and the token is recomputed.
+        recompute_ratio: Share of the reused tokens recomputed in the second layer.
+        recompute_decay: Per-layer factor on that share from the second layer on:
+            layer l recomputes ``recompute_ratio * recompute_decay ** (l - 1)``.
+            1.0 gives a constant schedule.
+        min_recompute_ratio: Floor of the per-layer share.
+        span_head_tokens: Tokens recomputed at the start of every reused span, where
+            a pasted chunk would otherwise lack its own attention-sink context.
+        max_reference_generation: A cache that borrowed from a reference is one
+            generation older than it. References of this generation or older are
+            only reused as an exact prefix, which bounds how far errors compound.
+        selection: How recomputed tokens are chosen: "deviation" (largest KV
+            deviation between fresh and borrowed values) or "random" (ablation only).
+        rerotate_keys: Apply RoPE to borrowed keys at their new positions. False is
+            for ablation only: keys then keep the positions they had in the reference.
+        lsh_bits: Hyperplanes per LSH table.
+        lsh_tables: Number of LSH tables.
+        ecache_position_scale: Positions are divided by this before the E-cache
+            rotation, so that nearby positions give nearby vectors.
+        seed: Seed of the LSH hyperplanes and of random selection.
+    """
+
+    enabled: bool = True
+    similarity_threshold: float = 0.5
+    min_prompt_tokens: int = 256
+    matcher: str = "context"
+    max_context: int = 16
+    min_match_similarity: float = 0.6
+    recompute_ratio: float = 0.25
+    recompute_decay: float = 0.95
+    min_recompute_ratio: float = 0.05
+    span_head_tokens: int = 0
+    max_reference_generation: int = 1
+    selection: str = "deviation"
+    rerotate_keys: bool = True
+    lsh_bits: int = 16
+    lsh_tables: int = 4
+    ecache_position_scale: float = 256.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_unit("similarity_threshold", self.similarity_threshold)
+        _check_unit("min_match_similarity", self.min_match_similarity, low=-1.0)
+        _check_unit("recompute_ratio", self.recompute_ratio)
+        _check_unit("recompute_decay", self.recompute_decay, low_open=True)
+        _check_unit("min_recompute_ratio", self.min_recompute_ratio)
+        _check_int("min_prompt_tokens", self.min_prompt_tokens, 1)
+        _check_int("max_context", self.max_context, 1)
+        _check_int("span_head_tokens", self.span_head_tokens, 0)
+        _check_int("max_reference_generation", self.max_reference_generation, 0)
+        _check_int("lsh_bits", self.lsh_bits, 1, 40)
+        _check_int("lsh_tables", self.lsh_tables, 1)
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"matcher={self.matcher!r} is not supported; use one of {MATCHERS}")
+        if self.selection not in ("deviation", "random"):
+            raise ValueError(f"selection={self.selection!r} is not supported; use 'deviation' or 'random'")
+        if not self.ecache_position_scale > 0:
+            raise ValueError(f"ecache_position_scale must be > 0, got {self.ecache_position_scale!r}")
+
+    def layer_ratio(self, layer: int) -> float:
+        """Return the share of reused tokens recomputed in ``layer`` (0-based, layer 0 is full)."""
+        if layer == 0:
+            return 1.0
+        return max(self.min_recompute_ratio, self.recompute_ratio * self.recompute_decay ** (layer - 1))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How tokens are generated after prefill.
+
+    Attributes:
+        max_new_tokens: Maximum number of generated tokens; 0 runs only the prefill.
+        temperature: 0 for greedy decoding, otherwise the softmax temperature.
+        top_p: Nucleus sampling mass in (0, 1].
+        top_k: Sample from the k most likely tokens; 0 disables the limit.
+        seed: Seed of the sampler; None draws from torch's global generator.
+        stop: Strings that end generation; the returned text stops before the first one.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 0, 1_000_000)
+        _check_int("top_k", self.top_k, 0)
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        for item in stop:
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"stop strings must be non-empty strings, got {item!r}")
+        object.__setattr__(self, "stop", stop)
+
+
+def _check_unit(name: str, value: float, low: float = 0.0, low_open: bool = False) -> None:
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    valid = valid and value <= 1.0 and (value > low if low_open else value >= low)
+    if not valid:
+        bound = f"({low}, 1]" if low_open else f"[{low}, 1]"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
