@@ -1,0 +1,539 @@
+"""The engine: looks up a similar reference, borrows its KV cache, prefills, decodes and stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import GenerationConfig, ReuseConfig
+from .decoding import Sampler, TextAssembler
+from .ecache import EmbeddingHasher
+from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
+from .matching import MatchResult, match_context, match_cosine, match_lsh
+from .model import LoadedModel, load_model
+from .store import DEFAULT_MAX_BYTES, Candidate, ReferenceEntry, ReferenceStore
+
+logger = logging.getLogger(__name__)
+
+# Prefix reuse is exact, so it is worth it below the similarity threshold from this length on.
+MIN_EXACT_PREFIX = 32
+
+
+@dataclass
+class PrefillOutcome:
+    """What one prefill produced and how.
+
+    Attributes:
+        logits: (vocab,) float32 next-token logits of the last prompt token.
+        cache: K/V of the prompt, with room for the completion.
+        ttft_s: Seconds from token ids to logits: lookup, matching, gathering and
+            re-rotation of borrowed K/V, and the prefill itself.
+        similarity: LSH similarity to the chosen reference, or to the best one found
+            when reuse was declined; None when no reference was compared.
+        reference_id: The reference borrowed from, None for a full prefill.
+        reused_tokens: Tokens whose final-layer K/V came from the reference.
+        prefix_tokens: Length of the exact common prefix served as it is.
+        recomputed_share: Share of a full prefill's token-layer work that ran.
+        fallback_reason: Why a full prefill ran, None when a reference was used.
+        generation: Generation of the resulting cache (see ``ReferenceEntry``).
+        lookup_s: Seconds spent on the E-cache and the reference lookup.
+        match_s: Seconds spent on token matching.
+        match: The token alignment, None for a full prefill.
+    """
+
+    logits: torch.Tensor
+    cache: KVCache
+    ttft_s: float
+    similarity: float | None = None
+    reference_id: str | None = None
+    reused_tokens: int = 0
+    prefix_tokens: int = 0
+    recomputed_share: float = 1.0
+    fallback_reason: str | None = None
+    generation: int = 0
+    lookup_s: float = 0.0
+    match_s: float = 0.0
+    match: MatchResult | None = None
+    ecache: torch.Tensor | None = None
+    codes: np.ndarray | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The completion of one prompt, with what reuse did for it."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    reused_tokens: int
+    prefix_tokens: int
+    recomputed_share: float
+    similarity: float | None
+    reference_id: str | None
+    ttft_s: float
+    fallback_reason: str | None
+    token_ids: list[int] = field(default_factory=list)
+    stored_reference_id: str | None = None
+    generation: int = 0
+    lookup_s: float = 0.0
+    match_s: float = 0.0
+    total_s: float = 0.0
+
+    def reuse_info(self) -> dict:
+        """Return the reuse details as a plain dict, for logs and response metadata."""
+        return {
+            "reference_id": self.reference_id,
+            "similarity": self.similarity,
+            "reused_tokens": self.reused_tokens,
+            "prefix_tokens": self.prefix_tokens,
+            "recomputed_share": self.recomputed_share,
+            "ttft_s": self.ttft_s,
+            "fallback_reason": self.fallback_reason,
+        }
+
+
+class GenerationStream:
+    """Iterator over the text pieces of one completion; ``result`` is set once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+class SemShareEngine:
+    """Serves prompts with KV caches borrowed from semantically similar stored prompts.
+
+    One engine holds one model, its reference store and its settings. Calls from
+    several threads are safe: model computation runs under one lock, one step at a
+    time, so concurrent streams interleave.
+
+    Args:
+        loaded: The model, from ``load_model``.
+        reuse: Reuse settings; per-call overrides go to ``generate``.
+        store: The reference store; a new in-memory store when None.
+        self_check: Verify before enabling reuse that reuse with every token
+            recomputed reproduces full prefill's logits.
+    """
+
+    _shared: dict[tuple, SemShareEngine] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        reuse: ReuseConfig | None = None,
+        store: ReferenceStore | None = None,
+        self_check: bool = True,
+    ):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.reuse = reuse or ReuseConfig()
+        self.store = store if store is not None else ReferenceStore(DEFAULT_MAX_BYTES)
+        self.runner = TransformerRunner(loaded.model)
+        self.hasher = EmbeddingHasher(self.runner, self.reuse)
+        self._lock = threading.RLock()
+        eos = loaded.model.config.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.disabled_reason: str | None = None
+        if self_check:
+            self.disabled_reason = self.self_check()
+            if self.disabled_reason:
+                logger.warning("Reuse disabled for %s: %s", self.model_name, self.disabled_reason)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        reuse: ReuseConfig | None = None,
+        max_store_bytes: int = DEFAULT_MAX_BYTES,
+        self_check: bool = True,
+    ) -> SemShareEngine:
+        """Load ``model`` (None for the default SmolLM2-135M-Instruct) and build an engine on it."""
+        return cls(load_model(model, device, dtype), reuse, ReferenceStore(max_store_bytes), self_check)
+
+    @classmethod
+    def shared(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> SemShareEngine:
+        """Return the process-wide engine of a model, loading it on first use."""
+        key = (model, device, dtype)
+        with cls._shared_lock:
+            engine = cls._shared.get(key)
+            if engine is None:
+                engine = cls.from_pretrained(model, device, dtype)
+                cls._shared[key] = engine
+            return engine
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.loaded.model.config, "max_position_embeddings", 2048))
+
+    # ----------------------------------------------------------------- prompts
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Tokenize ``prompt`` (text, or token ids passed through) and validate it."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty or whitespace only; pass some text")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple, np.ndarray, torch.Tensor)):
+            ids = [int(i) for i in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+            vocab = len(self.tokenizer)
+            bad = [i for i in ids if not 0 <= i < max(vocab, self.runner.config.vocab_size)]
+            if bad:
+                raise ValueError(f"token ids out of the vocabulary of {vocab}: {bad[:5]}")
+        else:
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt has no tokens; pass some text")
+        if len(ids) >= self.context_window:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens does not fit the context window of {self.context_window} tokens "
+                f"of {self.model_name}; shorten it by at least {len(ids) - self.context_window + 1} tokens"
+            )
+        return ids
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render chat ``messages`` with the tokenizer's template and return the token ids."""
+        kwargs = {"tools": tools} if tools else {}
+        rendered = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+        )
+        return list(rendered["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ----------------------------------------------------------------- prefill
+
+    def prefill(
+        self,
+        ids: Sequence[int],
+        namespace: str = "default",
+        reuse: ReuseConfig | None = None,
+        extra_capacity: int = 0,
+        reference: ReferenceEntry | None = None,
+    ) -> PrefillOutcome:
+        """Prefill ``ids``, borrowing from the best reference when reuse applies.
+
+        Args:
+            ids: Prompt token ids.
+            namespace: Only references of this namespace are considered.
+            reuse: Settings for this call; the engine's when None.
+            extra_capacity: Cache room to leave for generated tokens.
+            reference: Borrow from this entry instead of looking one up (benchmarks).
+        """
+        reuse = reuse or self.reuse
+        ids_array = np.asarray(ids, dtype=np.int64)
+        ids_tensor = torch.from_numpy(ids_array)
+        seq_len = ids_array.shape[0]
+        with self._lock:
+            start = time.perf_counter()
+            cache = self.runner.new_cache(seq_len + extra_capacity)
+            ecache = self.hasher.ecache(ids_tensor)
+            codes = self.hasher.codes(ecache)
+            reason, candidate = self._choose_reference(ids_array, codes, namespace, reuse, reference)
+            lookup_s = time.perf_counter() - start
+            if candidate is None:
+                logits, stats = self.runner.prefill(ids_tensor, cache)
+                self.store.record_use(None)
+                return PrefillOutcome(
+                    logits, cache, time.perf_counter() - start,
+                    similarity=reason[1] if reason else None,
+                    fallback_reason=reason[0] if reason else None,
+                    lookup_s=lookup_s, ecache=ecache, codes=codes,
+                )
+            match_start = time.perf_counter()
+            match = self._match(ids_array, ecache, codes, candidate, reuse)
+            match_s = time.perf_counter() - match_start
+            plan, fuzzy = self._plan(match, candidate.entry, reuse)
+            logits, stats = self.runner.prefill(ids_tensor, cache, plan)
+            ttft = time.perf_counter() - start
+        self.store.record_use(candidate.entry)
+        entry = candidate.entry
+        return PrefillOutcome(
+            logits, cache, ttft,
+            similarity=candidate.similarity,
+            reference_id=entry.id,
+            reused_tokens=match.prefix_len + (seq_len - match.prefix_len) - _last_layer_new_rows(stats, match.prefix_len),
+            prefix_tokens=match.prefix_len,
+            recomputed_share=stats.recomputed_share,
+            generation=entry.generation + 1 if fuzzy else entry.generation,
+            lookup_s=lookup_s, match_s=match_s, match=match, ecache=ecache, codes=codes,
+        )
+
+    def full_prefill(self, ids: Sequence[int], extra_capacity: int = 0) -> tuple[torch.Tensor, KVCache, float]:
+        """Run a plain full prefill; return logits, cache and seconds taken (the baseline)."""
+        ids_tensor = torch.as_tensor(list(ids), dtype=torch.long)
+        with self._lock:
+            start = time.perf_counter()
+            cache = self.runner.new_cache(len(ids) + extra_capacity)
+            logits, _ = self.runner.prefill(ids_tensor, cache)
+            return logits, cache, time.perf_counter() - start
+
+    def _choose_reference(self, ids, codes, namespace, reuse, reference):
+        """Return ``(fallback, candidate)``: exactly one of them is None.
+
+        ``fallback`` is ``(reason, best_similarity)``.
+        """
+        seq_len = ids.shape[0]
+        if not reuse.enabled:
+            return ("reuse is disabled", None), None
+        if self.disabled_reason:
+            return (f"reuse is disabled for this model: {self.disabled_reason}", None), None
+        if seq_len < reuse.min_prompt_tokens:
+            return (f"prompt of {seq_len} tokens is below min_prompt_tokens={reuse.min_prompt_tokens}", None), None
+        if reference is not None:
+            from .ecache import lsh_similarity
+            from .matching import common_prefix_len
+
+            sim = lsh_similarity(codes, reference.code_sets)
+            return None, Candidate(reference, sim, common_prefix_len(ids, reference.token_ids))
+        candidates = self.store.find(namespace, ids, codes)
+        if not candidates:
+            return (f"no stored reference in namespace {namespace!r}", None), None
+        best = candidates[0]
+        if best.similarity >= reuse.similarity_threshold or best.prefix_len >= MIN_EXACT_PREFIX:
+            return None, best
+        return (
+            f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}",
+            best.similarity,
+        ), None
+
+    def _match(self, ids, ecache, codes, candidate: Candidate, reuse: ReuseConfig) -> MatchResult:
+        entry = candidate.entry
+        prefix_len = min(candidate.prefix_len, ids.shape[0] - 1)
+        if reuse.matcher == "context":
+            return match_context(ids, entry.token_ids, prefix_len, reuse.max_context)
+        if reuse.matcher == "cosine":
+            return match_cosine(ecache, entry.ecache, prefix_len, reuse.min_match_similarity)
+        return match_lsh(ecache, codes, entry.ecache, entry.codes, prefix_len, reuse.min_match_similarity)
+
+    def _plan(self, match: MatchResult, entry: ReferenceEntry, reuse: ReuseConfig) -> tuple[BorrowPlan, bool]:
+        """Build the borrow plan; the flag is True when more than the exact prefix is borrowed."""
+        prefix_len = match.prefix_len
+        n_new = match.ref_index.shape[0]
+        forced = forced_rows(match, reuse.span_head_tokens)
+        fuzzy = entry.generation < reuse.max_reference_generation and not forced.all()
+        device = self.runner.device
+        prefix_k_pre = entry.k_pre[:, :, :prefix_len].to(device)
+        prefix_v = entry.v[:, :, :prefix_len].to(device)
+        if not fuzzy:
+            return BorrowPlan(
+                prefix_len, prefix_k_pre, prefix_v, None, None,
+                torch.ones(n_new, dtype=torch.bool, device=device), [1.0] * self.runner.n_layers,
+            ), False
+        index = torch.from_numpy(match.ref_index)
+        k_pre = entry.k_pre.index_select(2, index).to(device)  # (n_layers, n_kv_heads, n_new, head_dim)
+        v = entry.v.index_select(2, index).to(device)
+        ratios = [reuse.layer_ratio(layer) for layer in range(self.runner.n_layers)]
+        reference_positions = None if reuse.rerotate_keys else index
+        plan = BorrowPlan(
+            prefix_len, prefix_k_pre, prefix_v, k_pre, v,
+            torch.from_numpy(forced).to(device), ratios,
+            selection=reuse.selection, reference_positions=reference_positions, seed=reuse.seed,
+        )
+        return plan, True
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        generation: GenerationConfig | None = None,
+        namespace: str = "default",
+        reuse: ReuseConfig | None = None,
+        store: bool = True,
+    ) -> GenerationResult:
+        """Complete ``prompt`` and return the text with the reuse details.
+
+        Args:
+            prompt: Text (tokenized without special tokens) or token ids.
+            generation: Decoding settings; greedy with 128 new tokens when None.
+            namespace: References are only borrowed within one namespace.
+            reuse: Reuse settings for this call; the engine's when None.
+            store: Store the prompt and its completion as a reference afterwards.
+
+        Raises:
+            ValueError: Empty prompt, prompt longer than the context window, invalid ids.
+            TypeError: ``prompt`` is neither text nor ids.
+        """
+        stream = self.stream(prompt, generation, namespace, reuse, store)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        generation: GenerationConfig | None = None,
+        namespace: str = "default",
+        reuse: ReuseConfig | None = None,
+        store: bool = True,
+    ) -> GenerationStream:
+        """Like ``generate``, but return an iterator of text pieces as they are decoded.
+
+        The prompt is validated before this returns; the prefill runs on the first
+        ``next``.
+        """
+        generation = generation or GenerationConfig()
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        ids = self.encode(prompt)
+        stream = GenerationStream(iter(()))
+        stream._pieces = self._generate_pieces(stream, ids, generation, namespace, reuse, store)
+        return stream
+
+    def _generate_pieces(self, stream, ids, generation, namespace, reuse, store) -> Iterator[str]:
+        start = time.perf_counter()
+        max_new = min(generation.max_new_tokens, self.context_window - len(ids))
+        outcome = self.prefill(ids, namespace, reuse, extra_capacity=max_new)
+        sampler = Sampler(generation)
+        assembler = TextAssembler(self.tokenizer, generation.stop)
+        logits, cache = outcome.logits, outcome.cache
+        finish_reason = "length"
+        generated: list[int] = []
+        for step in range(max_new):
+            token = sampler(logits)
+            if token in self.eos_ids:
+                finish_reason = "stop"
+                break
+            generated.append(token)
+            piece = assembler.add(token)
+            if piece:
+                yield piece
+            if assembler.stopped:
+                finish_reason = "stop"
+                break
+            if step + 1 < max_new:
+                with self._lock:
+                    logits = self.runner.decode_step(token, cache)
+        tail = assembler.finish()
+        if tail:
+            yield tail
+
+        stored_id = None
+        if store:
+            stored_id = self._store(ids, generated, outcome, namespace)
+        stream.result = GenerationResult(
+            text=assembler.text,
+            prompt_tokens=len(ids),
+            completion_tokens=len(generated),
+            finish_reason=finish_reason,
+            reused_tokens=outcome.reused_tokens,
+            prefix_tokens=outcome.prefix_tokens,
+            recomputed_share=outcome.recomputed_share,
+            similarity=outcome.similarity,
+            reference_id=outcome.reference_id,
+            ttft_s=outcome.ttft_s,
+            fallback_reason=outcome.fallback_reason,
+            token_ids=generated,
+            stored_reference_id=stored_id,
+            generation=outcome.generation,
+            lookup_s=outcome.lookup_s,
+            match_s=outcome.match_s,
+            total_s=time.perf_counter() - start,
+        )
+
+    def _store(self, ids: list[int], generated: list[int], outcome: PrefillOutcome, namespace: str) -> str | None:
+        """Store the prompt and the generated tokens whose K/V are in the cache."""
+        cache = outcome.cache
+        length = cache.length
+        token_ids = np.asarray((ids + generated)[:length], dtype=np.int64)
+        ecache = outcome.ecache
+        codes = outcome.codes
+        if length > len(ids):
+            extra = self.hasher.ecache(torch.from_numpy(token_ids[len(ids):]), start=len(ids))
+            ecache = torch.cat([ecache, extra])
+            codes = np.concatenate([codes, self.hasher.codes(extra)])
+        entry = ReferenceEntry(
+            token_ids=token_ids,
+            k_pre=cache.k_pre[:, :, :length].to("cpu", copy=True),
+            v=cache.v[:, :, :length].to("cpu", copy=True),
+            ecache=ecache,
+            codes=codes,
+            namespace=namespace,
+            generation=outcome.generation,
+        )
+        return entry.id if self.store.add(entry) else None
+
+    # ----------------------------------------------------------------- checks
+
+    def self_check(self, seq_len: int = 48) -> str | None:
+        """Check that borrowing with every token recomputed reproduces full prefill.
+
+        Returns:
+            None when it does, else the reason reuse must stay off.
+        """
+        generator = torch.Generator().manual_seed(1234)
+        vocab = min(self.runner.config.vocab_size, len(self.tokenizer))
+        reference_ids = torch.randint(3, vocab, (seq_len,), generator=generator)
+        target_ids = reference_ids.clone()
+        target_ids[seq_len // 3 : seq_len // 2] = torch.randint(3, vocab, (seq_len // 2 - seq_len // 3,), generator=generator)
+        target_ids[: seq_len // 4] = reference_ids[seq_len // 4 : seq_len // 2].clone()
+        try:
+            with self._lock:
+                ref_cache = self.runner.new_cache(seq_len)
+                self.runner.prefill(reference_ids, ref_cache)
+                expected, _ = self.runner.prefill(target_ids, self.runner.new_cache(seq_len))
+                entry_ecache = self.hasher.ecache(reference_ids)
+                entry = ReferenceEntry(
+                    reference_ids.numpy(), ref_cache.k_pre.cpu(), ref_cache.v.cpu(), entry_ecache, self.hasher.codes(entry_ecache)
+                )
+                match = match_context(target_ids.numpy(), entry.token_ids, 0, 4)
+                everything = dataclasses.replace(self.reuse, recompute_ratio=1.0, recompute_decay=1.0, min_recompute_ratio=1.0)
+                plan, _ = self._plan(match, entry, everything)
+                actual, _ = self.runner.prefill(target_ids, self.runner.new_cache(seq_len), plan)
+        except Exception as e:  # noqa: BLE001 - any failure here means reuse must stay off
+            return f"self-check raised {type(e).__name__}: {e}"
+        scale = expected.abs().max().item()
+        error = (actual - expected).abs().max().item()
+        tolerance = (1e-4 if self.runner.dtype == torch.float32 else 3e-2) * max(scale, 1.0)
+        if not math.isfinite(error) or error > tolerance:
+            return f"reuse with every token recomputed differs from full prefill by {error:.3g} (tolerance {tolerance:.3g})"
+        return None
+
+
+def forced_rows(match: MatchResult, span_head_tokens: int) -> np.ndarray:
+    """Return the rows after the prefix that must be recomputed whatever their deviation.
+
+    These are unmatched tokens, the last token, everything after the last matched
+    span, and the first ``span_head_tokens`` of every reused span.
+    """
+    matched = match.matched
+    forced = ~matched
+    if forced.shape[0]:
+        forced[-1] = True
+        matched_rows = np.nonzero(matched)[0]
+        last = int(matched_rows[-1]) if matched_rows.size else -1
+        forced[last + 1 :] = True
+    if span_head_tokens:
+        starts = np.nonzero(match.span_start)[0]
+        for offset in range(span_head_tokens):
+            rows = starts + offset
+            rows = rows[rows < forced.shape[0]]
+            forced[rows] |= matched[rows]
+    return forced
+
+
+def _last_layer_new_rows(stats: PrefillStats, prefix_len: int) -> int:
+    return stats.rows_per_layer[-1] if stats.rows_per_layer else 0
