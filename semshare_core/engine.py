@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,15 @@ from .ecache import EmbeddingHasher
 from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
 from .matching import MatchResult, match_context, match_cosine, match_lsh
 from .model import LoadedModel, load_model
-from .store import DEFAULT_MAX_BYTES, Candidate, ReferenceEntry, ReferenceStore
+from .store import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DISK_BYTES,
+    DEFAULT_MAX_GPU_BYTES,
+    Candidate,
+    ReferenceEntry,
+    ReferenceStore,
+    encoding_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +134,8 @@ class SemShareEngine:
     Args:
         loaded: The model, from ``load_model``.
         reuse: Reuse settings; per-call overrides go to ``generate``.
-        store: The reference store; a new in-memory store when None.
+        store: The reference store; a new in-memory store when None. The engine
+            binds it to its model, which opens a persistent store's directory.
         self_check: Verify before enabling reuse that reuse with every token
             recomputed reproduces full prefill's logits.
     """
@@ -147,6 +157,8 @@ class SemShareEngine:
         self.store = store if store is not None else ReferenceStore(DEFAULT_MAX_BYTES)
         self.runner = TransformerRunner(loaded.model)
         self.hasher = EmbeddingHasher(self.runner, self.reuse)
+        gpu_device = self.runner.device if self.runner.device.type == "cuda" else None
+        self.store.bind(loaded.fingerprint, encoding_key(self.reuse), gpu_device)
         self._lock = threading.RLock()
         eos = loaded.model.config.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
@@ -167,18 +179,34 @@ class SemShareEngine:
         reuse: ReuseConfig | None = None,
         max_store_bytes: int = DEFAULT_MAX_BYTES,
         self_check: bool = True,
+        store_dir: str | os.PathLike | None = None,
+        max_gpu_store_bytes: int = DEFAULT_MAX_GPU_BYTES,
+        max_disk_store_bytes: int = DEFAULT_MAX_DISK_BYTES,
     ) -> SemShareEngine:
-        """Load ``model`` (None for the default SmolLM2-135M-Instruct) and build an engine on it."""
-        return cls(load_model(model, device, dtype), reuse, ReferenceStore(max_store_bytes), self_check)
+        """Load ``model`` (None for the default SmolLM2-135M-Instruct) and build an engine on it.
+
+        ``store_dir`` persists references there; ``max_store_bytes``,
+        ``max_gpu_store_bytes`` and ``max_disk_store_bytes`` are the store's CPU, GPU
+        and disk budgets in bytes (see ``ReferenceStore``).
+        """
+        store = ReferenceStore(max_store_bytes, store_dir, max_gpu_store_bytes, max_disk_store_bytes)
+        return cls(load_model(model, device, dtype), reuse, store, self_check)
 
     @classmethod
-    def shared(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> SemShareEngine:
-        """Return the process-wide engine of a model, loading it on first use."""
-        key = (model, device, dtype)
+    def shared(
+        cls,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        store_dir: str | os.PathLike | None = None,
+    ) -> SemShareEngine:
+        """Return the process-wide engine of a model and store directory, loading it on first use."""
+        store_key = os.path.abspath(os.path.expanduser(store_dir)) if store_dir is not None else None
+        key = (model, device, dtype, store_key)
         with cls._shared_lock:
             engine = cls._shared.get(key)
             if engine is None:
-                engine = cls.from_pretrained(model, device, dtype)
+                engine = cls.from_pretrained(model, device, dtype, store_dir=store_dir)
                 cls._shared[key] = engine
             return engine
 
@@ -193,9 +221,22 @@ class SemShareEngine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty or whitespace only; pass some text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"prompt contains {prompt[e.start]!r} at index {e.start}, which is not valid Unicode "
+                    "(a lone surrogate); decode the input with errors='replace' before passing it"
+                ) from e
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         elif isinstance(prompt, (list, tuple, np.ndarray, torch.Tensor)):
-            ids = [int(i) for i in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+            if isinstance(prompt, (np.ndarray, torch.Tensor)) and prompt.ndim != 1:
+                raise ValueError(f"token ids must be 1-D, got shape {tuple(prompt.shape)}")
+            ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+            for index, value in enumerate(ids):
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise TypeError(f"token ids must be ints; item {index} is {type(value).__name__} {value!r}")
+            ids = [int(i) for i in ids]
             vocab = len(self.tokenizer)
             bad = [i for i in ids if not 0 <= i < max(vocab, self.runner.config.vocab_size)]
             if bad:
@@ -305,6 +346,11 @@ class SemShareEngine:
             from .ecache import lsh_similarity
             from .matching import common_prefix_len
 
+            if not reference.is_loaded:
+                loaded = self.store.load(reference)
+                if loaded is None:
+                    return (f"reference {reference.id} is no longer stored", None), None
+                reference = loaded
             sim = lsh_similarity(codes, reference.code_sets)
             return None, Candidate(reference, sim, common_prefix_len(ids, reference.token_ids))
         candidates = self.store.find(namespace, ids, codes)
@@ -312,7 +358,11 @@ class SemShareEngine:
             return (f"no stored reference in namespace {namespace!r}", None), None
         best = candidates[0]
         if best.similarity >= reuse.similarity_threshold or best.prefix_len >= MIN_EXACT_PREFIX:
-            return None, best
+            # The loaded entry keeps its K/V even if the store evicts it during this request.
+            entry = self.store.load(best.entry)
+            if entry is None:
+                return (f"reference {best.entry.id} was evicted or unreadable before its K/V loaded", best.similarity), None
+            return None, dataclasses.replace(best, entry=entry)
         return (
             f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}",
             best.similarity,
@@ -341,7 +391,7 @@ class SemShareEngine:
                 prefix_len, prefix_k_pre, prefix_v, None, None,
                 torch.ones(n_new, dtype=torch.bool, device=device), [1.0] * self.runner.n_layers,
             ), False
-        index = torch.from_numpy(match.ref_index)
+        index = torch.from_numpy(match.ref_index).to(entry.k_pre.device)
         k_pre = entry.k_pre.index_select(2, index).to(device)  # (n_layers, n_kv_heads, n_new, head_dim)
         v = entry.v.index_select(2, index).to(device)
         ratios = [reuse.layer_ratio(layer) for layer in range(self.runner.n_layers)]
@@ -395,7 +445,13 @@ class SemShareEngine:
         The prompt is validated before this returns; the prefill runs on the first
         ``next``.
         """
-        generation = generation or GenerationConfig()
+        generation = generation if generation is not None else GenerationConfig()
+        if not isinstance(generation, GenerationConfig):
+            raise TypeError(f"generation must be a GenerationConfig or None, got {type(generation).__name__}")
+        if reuse is not None and not isinstance(reuse, ReuseConfig):
+            raise TypeError(f"reuse must be a ReuseConfig or None, got {type(reuse).__name__}")
+        if not isinstance(store, bool):
+            raise TypeError(f"store must be True or False, got {store!r}")
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
         ids = self.encode(prompt)
