@@ -8,6 +8,7 @@ full prefill itself must equal the transformers forward pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_caus
 
 from semshare_core.config import GenerationConfig, ReuseConfig
 from semshare_core.engine import SemShareEngine
-from semshare_core.forward import TransformerRunner, causal_mask
+from semshare_core.forward import BorrowPlan, TransformerRunner, causal_mask
 
 from .conftest import ARCHITECTURES, tiny_engine, tiny_model
 
@@ -230,6 +231,44 @@ def test_scattered_rows_attention_exact(window):
     if window is None:
         reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, rows]
         torch.testing.assert_close(actual, reference, **TOLERANCE)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 20])
+@pytest.mark.parametrize(("architecture", "overrides"), MODELS, ids=MODEL_IDS)
+def test_scattered_rows_over_exact_kv(architecture, overrides, prefix_len):
+    """Recomputing randomly scattered rows over borrowed K/V that are already exact changes nothing.
+
+    This runs the scattered-row mask inside the layer loop, which recomputing every row
+    never does, because all rows after a prefix are one contiguous block.
+    """
+    runner = TransformerRunner(tiny_model(architecture, **overrides))
+    ids = torch.tensor(TARGETS["edited"])
+    seq_len = ids.shape[0]
+    full = runner.new_cache(seq_len)
+    expected, _ = runner.prefill(ids, full)
+
+    n_new = seq_len - prefix_len
+    forced = torch.zeros(n_new, dtype=torch.bool)
+    forced[-1] = True
+    ratios = [1.0, 0.6, 0.4, 0.2]
+    plan = BorrowPlan(
+        prefix_len,
+        full.k_pre[:, :, :prefix_len].clone(),
+        full.v[:, :, :prefix_len].clone(),
+        full.k_pre[:, :, prefix_len:].clone(),
+        full.v[:, :, prefix_len:].clone(),
+        forced,
+        ratios,
+        selection="random",
+        seed=3,
+    )
+    cache = runner.new_cache(seq_len)
+    logits, stats = runner.prefill(ids, cache, plan)
+
+    assert stats.rows_per_layer == [math.ceil(ratio * n_new) for ratio in ratios]
+    torch.testing.assert_close(logits, expected, **TOLERANCE)
+    torch.testing.assert_close(cache.k, full.k, **TOLERANCE)
+    torch.testing.assert_close(cache.v, full.v, **TOLERANCE)
 
 
 @pytest.mark.parametrize(("architecture", "overrides"), MODELS, ids=MODEL_IDS)
