@@ -175,3 +175,17 @@ def test_rerotate_keys_rejects_invalid_positions():
         rerotate_keys(keys, torch.arange(5), torch.arange(6), rotary_emb)
     with pytest.raises(TypeError, match="integer positions"):
         rerotate_keys(keys, torch.arange(5).float(), torch.arange(5), rotary_emb)
+
+
+def test_rerotate_keys_rejects_attention_scaling():
+    rotary_emb = _model("llama", "default").model.rotary_emb
+    rotary_emb.attention_scaling = 1.5
+    with pytest.raises(ValueError, match="scales cos and sin by 1.5"):
+        rerotate_keys(torch.randn(2, 5, 16), torch.arange(5), torch.arange(5) + 1, rotary_emb)
+
+
+def test_rope_type_per_layer_rejected():
+    rotary_emb = torch.nn.Module()
+    rotary_emb.rope_type = {"full_attention": "default", "sliding_attention": "linear"}
+    with pytest.raises(ValueError, match="per-layer RoPE types"):
+        rope_type_of(rotary_emb)
