@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import logging
@@ -326,6 +327,8 @@ class ReferenceStore:
 
     def _take_writer_lock(self) -> None:
         try:
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "no write permission", str(self.directory))
             self._lock_file = persist.acquire_writer_lock(self.directory)
         except OSError as e:
             logger.warning(

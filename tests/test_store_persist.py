@@ -326,8 +326,7 @@ def test_persist_read_only_directory_by_errno(tmp_path, monkeypatch, caplog):
 def test_persist_read_only_directory_by_mode(tmp_path, caplog):
     store, entries = filled_store(tmp_path)
     store.close()
-    (tmp_path / persist.LOCK_NAME).unlink()
-    tmp_path.chmod(0o555)
+    tmp_path.chmod(0o555)  # the lock file stays writable, the directory does not
     try:
         with caplog.at_level(logging.WARNING):
             reopened = open_store(tmp_path)
