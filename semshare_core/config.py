@@ -30,6 +30,9 @@ class ReuseConfig:
             layer l recomputes ``recompute_ratio * recompute_decay ** (l - 1)``.
             1.0 gives a constant schedule.
         min_recompute_ratio: Floor of the per-layer share.
+        min_context_tokens: With the context matcher, tokens whose identical left
+            context (the token included) is shorter than this are always recomputed:
+            the same token after different words gets different K/V in deep layers.
         span_head_tokens: Tokens recomputed at the start of every reused span, where
             a pasted chunk would otherwise lack its own attention-sink context.
         max_reference_generation: A cache that borrowed from a reference is one
@@ -55,6 +58,7 @@ class ReuseConfig:
     recompute_ratio: float = 0.25
     recompute_decay: float = 0.95
     min_recompute_ratio: float = 0.05
+    min_context_tokens: int = 2
     span_head_tokens: int = 0
     max_reference_generation: int = 1
     selection: str = "deviation"
@@ -72,6 +76,7 @@ class ReuseConfig:
         _check_unit("min_recompute_ratio", self.min_recompute_ratio)
         _check_int("min_prompt_tokens", self.min_prompt_tokens, 1)
         _check_int("max_context", self.max_context, 1)
+        _check_int("min_context_tokens", self.min_context_tokens, 0)
         _check_int("span_head_tokens", self.span_head_tokens, 0)
         _check_int("max_reference_generation", self.max_reference_generation, 0)
         _check_int("lsh_bits", self.lsh_bits, 1, 40)

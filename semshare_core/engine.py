@@ -381,7 +381,7 @@ class SemShareEngine:
         """Build the borrow plan; the flag is True when more than the exact prefix is borrowed."""
         prefix_len = match.prefix_len
         n_new = match.ref_index.shape[0]
-        forced = forced_rows(match, reuse.span_head_tokens)
+        forced = forced_rows(match, reuse.span_head_tokens, reuse.min_context_tokens)
         fuzzy = entry.generation < reuse.max_reference_generation and not forced.all()
         device = self.runner.device
         prefix_k_pre = entry.k_pre[:, :, :prefix_len].to(device)
@@ -535,48 +535,65 @@ class SemShareEngine:
     # ----------------------------------------------------------------- checks
 
     def self_check(self, seq_len: int = 48) -> str | None:
-        """Check that borrowing with every token recomputed reproduces full prefill.
+        """Check reuse against the model's own forward pass before enabling it.
+
+        Two prefills must reproduce the logits of ``model(ids)``: one that borrows
+        every token of an edited prompt but recomputes them all, and one that borrows
+        the prompt's own exact K/V after a prefix and recomputes scattered rows,
+        which exercises the gather, the re-rotation and the scattered-row mask.
 
         Returns:
-            None when it does, else the reason reuse must stay off.
+            None when both match, else the reason reuse must stay off.
         """
         generator = torch.Generator().manual_seed(1234)
         vocab = min(self.runner.config.vocab_size, len(self.tokenizer))
         reference_ids = torch.randint(3, vocab, (seq_len,), generator=generator)
-        target_ids = reference_ids.clone()
-        target_ids[seq_len // 3 : seq_len // 2] = torch.randint(3, vocab, (seq_len // 2 - seq_len // 3,), generator=generator)
-        target_ids[: seq_len // 4] = reference_ids[seq_len // 4 : seq_len // 2].clone()
+        edited_ids = reference_ids.clone()
+        edited_ids[seq_len // 3 : seq_len // 2] = torch.randint(3, vocab, (seq_len // 2 - seq_len // 3,), generator=generator)
+        edited_ids[: seq_len // 4] = reference_ids[seq_len // 4 : seq_len // 2].clone()
+        everything = dataclasses.replace(self.reuse, recompute_ratio=1.0, recompute_decay=1.0, min_recompute_ratio=1.0)
+        scattered = dataclasses.replace(self.reuse, recompute_ratio=0.5, recompute_decay=0.7, selection="random")
+        prefix_len = seq_len // 4
         try:
-            with self._lock:
+            with self._lock, torch.inference_mode():
                 ref_cache = self.runner.new_cache(seq_len)
                 self.runner.prefill(reference_ids, ref_cache)
-                expected, _ = self.runner.prefill(target_ids, self.runner.new_cache(seq_len))
-                entry_ecache = self.hasher.ecache(reference_ids)
+                ecache = self.hasher.ecache(reference_ids)
                 entry = ReferenceEntry(
-                    reference_ids.numpy(), ref_cache.k_pre.cpu(), ref_cache.v.cpu(), entry_ecache, self.hasher.codes(entry_ecache)
+                    reference_ids.numpy(), ref_cache.k_pre.cpu(), ref_cache.v.cpu(), ecache, self.hasher.codes(ecache)
                 )
-                match = match_context(target_ids.numpy(), entry.token_ids, 0, 4)
-                everything = dataclasses.replace(self.reuse, recompute_ratio=1.0, recompute_decay=1.0, min_recompute_ratio=1.0)
-                plan, _ = self._plan(match, entry, everything)
-                actual, _ = self.runner.prefill(target_ids, self.runner.new_cache(seq_len), plan)
+                checks = []
+                match = match_context(edited_ids.numpy(), entry.token_ids, 0, 4)
+                checks.append(("every token recomputed", edited_ids, self._plan(match, entry, everything)[0]))
+                rows = np.arange(prefix_len, seq_len)
+                exact = MatchResult(
+                    prefix_len, rows, np.ones(rows.shape, dtype=bool), np.full(rows.shape, 16), np.zeros(rows.shape, dtype=bool)
+                )
+                checks.append(("scattered rows over exact K/V", reference_ids, self._plan(exact, entry, scattered)[0]))
+                for name, ids, plan in checks:
+                    expected = self.loaded.model(ids[None].to(self.runner.device)).logits[0, -1].float()
+                    actual, _ = self.runner.prefill(ids, self.runner.new_cache(seq_len), plan)
+                    scale = expected.abs().max().item()
+                    error = (actual - expected).abs().max().item()
+                    tolerance = (1e-4 if self.runner.dtype == torch.float32 else 3e-2) * max(scale, 1.0)
+                    if not math.isfinite(error) or error > tolerance:
+                        return f"{name}: logits differ from the model's forward pass by {error:.3g} (tolerance {tolerance:.3g})"
         except Exception as e:  # noqa: BLE001 - any failure here means reuse must stay off
             return f"self-check raised {type(e).__name__}: {e}"
-        scale = expected.abs().max().item()
-        error = (actual - expected).abs().max().item()
-        tolerance = (1e-4 if self.runner.dtype == torch.float32 else 3e-2) * max(scale, 1.0)
-        if not math.isfinite(error) or error > tolerance:
-            return f"reuse with every token recomputed differs from full prefill by {error:.3g} (tolerance {tolerance:.3g})"
         return None
 
 
-def forced_rows(match: MatchResult, span_head_tokens: int) -> np.ndarray:
+def forced_rows(match: MatchResult, span_head_tokens: int, min_context_tokens: int = 0) -> np.ndarray:
     """Return the rows after the prefix that must be recomputed whatever their deviation.
 
     These are unmatched tokens, the last token, everything after the last matched
-    span, and the first ``span_head_tokens`` of every reused span.
+    span, the first ``span_head_tokens`` of every reused span, and context matches
+    shorter than ``min_context_tokens`` (fuzzy matches carry no context length).
     """
     matched = match.matched
     forced = ~matched
+    if min_context_tokens and match.context_len.any():
+        forced |= match.context_len < min_context_tokens
     if forced.shape[0]:
         forced[-1] = True
         matched_rows = np.nonzero(matched)[0]

@@ -138,13 +138,6 @@ def test_suffix_only_recomputed_equals_full_prefill(architecture, overrides, mon
     _assert_equals_full_prefill(engine, target, outcome)
 
 
-ONE_TOKEN_MATCH_REASON = (
-    "engine: a token after the exact prefix that also occurs in the stored prompt is matched on a one-token "
-    "context and may keep borrowed K/V, so the new part is not fully recomputed"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ONE_TOKEN_MATCH_REASON)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_suffix_sharing_token_equals_full_prefill(architecture, monkeypatch):
     engine = tiny_engine(architecture)
@@ -161,7 +154,7 @@ def test_suffix_sharing_token_equals_full_prefill(architecture, monkeypatch):
 
 
 @pytest.mark.parametrize(("architecture", "overrides"), MODELS, ids=MODEL_IDS)
-def test_next_chat_turn_equals_full_prefill(architecture, overrides, monkeypatch, request):
+def test_next_chat_turn_equals_full_prefill(architecture, overrides, monkeypatch):
     engine = tiny_engine(architecture, **overrides)
     first = engine.generate(REFERENCE, GenerationConfig(max_new_tokens=6))
     stored = engine.store.get(first.stored_reference_id)
@@ -176,9 +169,6 @@ def test_next_chat_turn_equals_full_prefill(architecture, overrides, monkeypatch
 
     assert outcome.reference_id == stored.id
     assert outcome.prefix_tokens == len(stored)
-    if history[-1] in history[:-1]:
-        # The last generated token, missing from the stored cache, then finds a one-token match.
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ONE_TOKEN_MATCH_REASON))
     assert recorded[0].rows_per_layer == [len(target) - len(stored)] * engine.runner.n_layers
     _assert_equals_full_prefill(engine, target, outcome)
 
