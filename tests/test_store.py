@@ -273,3 +273,26 @@ def test_store_gpu_budget_unused_without_device():
     store.load(entry)
     assert store.stats().hot == 0
     assert store.stats().gpu_bytes == 0
+
+
+def test_store_gpu_tier_keeps_engine_output():
+    from semshare_core.store import encoding_key
+
+    from .test_bad_input import TINY_REUSE, engine_on
+
+    plain = engine_on(ReferenceStore())
+    hot_store = ReferenceStore(fingerprint="llama", encoding=encoding_key(TINY_REUSE), gpu_device="cpu")
+    hot = engine_on(hot_store)
+    reference = " ".join(f"w{i}" for i in range(10, 70))
+    target = " ".join(f"w{i}" for i in range(10, 40)) + " w400 w401 " + " ".join(f"w{i}" for i in range(42, 70))
+    for engine in (plain, hot):
+        engine.generate(reference)
+
+    expected = plain.generate(target, store=False)
+    first = hot.generate(target, store=False)
+    second = hot.generate(target, store=False)
+    assert expected.reference_id is not None
+    assert first.text == expected.text
+    assert second.text == expected.text
+    assert first.reused_tokens == expected.reused_tokens
+    assert hot_store.stats().hot == 1

@@ -418,3 +418,42 @@ def test_persist_marker_written(tmp_path):
     store.close()
     marker = json.loads((tmp_path / persist.MARKER_NAME).read_text())
     assert marker["format"] == persist.FORMAT_VERSION
+
+
+def test_persist_engine_reuses_after_restart(tmp_path):
+    from .test_bad_input import engine_on
+
+    reference = " ".join(f"w{i}" for i in range(10, 70))
+    target = " ".join(f"w{i}" for i in range(10, 40)) + " w400 w401 " + " ".join(f"w{i}" for i in range(42, 70))
+    store = ReferenceStore(directory=tmp_path)
+    engine = engine_on(store)
+    engine.generate(reference)
+    before = engine.generate(target, store=False)
+    assert before.reference_id is not None
+    store.close()
+
+    reopened = ReferenceStore(directory=tmp_path)
+    after = engine_on(reopened).generate(target, store=False)
+    assert after.reference_id == before.reference_id
+    assert after.text == before.text
+    assert after.reused_tokens == before.reused_tokens
+    assert reopened.stats().loads == 1
+
+
+@pytest.mark.real_model
+def test_persist_default_model_restart(tmp_path):
+    from semshare_core.config import GenerationConfig
+    from semshare_core.engine import SemShareEngine
+
+    prompt = "Write one word about the sea. " * 12
+    generation = GenerationConfig(max_new_tokens=2)
+    first = SemShareEngine.from_pretrained(device="cpu", store_dir=tmp_path, self_check=False)
+    stored = first.generate(prompt, generation).stored_reference_id
+    first.store.close()
+    assert entry_files(tmp_path) == [f"{stored}.safetensors"]
+
+    second = SemShareEngine.from_pretrained(device="cpu", store_dir=tmp_path, self_check=False)
+    assert second.store.stats().restored == 1
+    entry = second.store.get(stored)
+    assert entry.fingerprint == second.loaded.fingerprint
+    assert entry.k_pre.shape[0] == second.runner.n_layers
