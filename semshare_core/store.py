@@ -559,6 +559,7 @@ class ReferenceStore:
         if kv_nbytes > self.max_gpu_bytes:
             return None
         # The E-cache stays on the CPU, where matching runs.
+        # NOTE: the tests run this tier with the CPU standing in for the GPU; no CUDA run has checked it yet.
         return dataclasses.replace(entry, k_pre=entry.k_pre.to(device, copy=True), v=entry.v.to(device, copy=True))
 
     # ----------------------------------------------------------------- changes
