@@ -118,12 +118,12 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 0, 1_000_000)
         _check_int("top_k", self.top_k, 0)
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -134,8 +134,12 @@ class GenerationConfig:
         object.__setattr__(self, "stop", stop)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_unit(name: str, value: float, low: float = 0.0, low_open: bool = False) -> None:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    valid = _is_number(value) and math.isfinite(value)
     valid = valid and value <= 1.0 and (value > low if low_open else value >= low)
     if not valid:
         bound = f"({low}, 1]" if low_open else f"[{low}, 1]"

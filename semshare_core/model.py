@@ -152,7 +152,10 @@ def _load_folder(folder: Path, dtype: torch.dtype):
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"Could not load a causal LM from {str(folder)!r}: {e}") from e
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Could not load a tokenizer from {str(folder)!r}; the folder needs its tokenizer files: {e}") from e
     return hf_model, tokenizer
 
 
