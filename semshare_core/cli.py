@@ -1,0 +1,188 @@
+"""The ``semshare`` command line: demo, bench and store maintenance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .articles import ArticlePair, article_pairs
+from .store_cli import add_store_commands
+
+# A checkout of the project keeps the shared data sets beside it, in ../shared/data.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Read a user's text file as UTF-8 (a byte order mark is dropped).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file is not valid UTF-8; the message gives the byte offset.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"input file {str(path)!r} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
+            f"({e.reason}); convert it to UTF-8, for example with iconv"
+        ) from e
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local transformers model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+
+
+def _engine(args):
+    from .engine import SemShareEngine
+
+    print(f"Loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    engine = SemShareEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    print(
+        f"Loaded {engine.model_name} on {engine.runner.device} ({engine.runner.dtype}) in "
+        f"{time.perf_counter() - start:.1f}s; reuse self-check: {engine.disabled_reason or 'passed'}",
+        file=sys.stderr,
+    )
+    return engine
+
+
+def _articles(folder: Path | None) -> list[ArticlePair]:
+    if folder is not None:
+        pairs = article_pairs(folder)
+        if not pairs:
+            raise SystemExit(f"error: no article pairs (Adv/NAME-adv.txt with Int/NAME-int.txt) in {folder}")
+        return pairs
+    return article_pairs()
+
+
+def run_demo_command(args) -> int:
+    from .demo import format_rows, run_demo
+
+    if args.pair:
+        pairs = [
+            (f"{Path(ref).name} -> {Path(target).name}", [read_text_file(ref)], [read_text_file(target)])
+            for ref, target in args.pair
+        ]
+    else:
+        articles = _articles(args.articles_dir)
+        if args.prompts * args.articles > len(articles):
+            raise SystemExit(
+                f"error: --prompts {args.prompts} x --articles {args.articles} needs "
+                f"{args.prompts * args.articles} articles, only {len(articles)} are available"
+            )
+        pairs = []
+        for index in range(args.prompts):
+            group = articles[index * args.articles : (index + 1) * args.articles]
+            pairs.append((" + ".join(a.name for a in group), [a.advanced for a in group], [a.intermediate for a in group]))
+    engine = _engine(args)
+    rows = run_demo(engine, pairs, max_new_tokens=args.max_new_tokens)
+    print()
+    print("Each reference prompt was stored first; each target is a reworded version of it.")
+    print("TTFT: time to the first token. ROUGE-L: SemShare summary against the full-prefill one.")
+    print()
+    print(format_rows(rows))
+    if args.show_summaries:
+        for row in rows:
+            print(f"\n== {row.name}\n-- full prefill:\n{row.full_summary}\n-- SemShare:\n{row.semshare_summary}")
+    return 0
+
+
+def run_bench_command(args) -> int:
+    from .bench import load_multinews, run_benchmark, summarize, write_results
+
+    articles_dir = args.articles_dir
+    if articles_dir is None and (SHARED_DATA / "onestopenglish").is_dir():
+        articles_dir = SHARED_DATA / "onestopenglish"
+    articles = _articles(articles_dir)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pairs_per_size, exact, samples, runs = args.pairs, args.exact_prefix, args.multinews_samples, args.runs
+    if args.quick:
+        sizes, pairs_per_size, exact, samples, runs = [1], 2, 1, min(samples, 1), 1
+    engine = _engine(args)
+    multinews = load_multinews(args.multinews, engine, args.multinews_max_tokens, samples) if samples else []
+    print(f"Articles: {len(articles)} pairs from {articles_dir or 'the package'}; MultiNews samples: {len(multinews)}", file=sys.stderr)
+    results = run_benchmark(engine, articles, sizes, pairs_per_size, exact, multinews, runs=runs)
+    table = summarize(results)
+    print(table)
+    if args.output_dir:
+        write_results(results, args.output_dir / "results.json")
+        (args.output_dir / "summary.md").write_text(table + "\n")
+        print(f"\nWrote {args.output_dir / 'results.json'} and summary.md", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semshare", description="Faster prefill by reusing the KV cache of similar prompts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the engine's decisions")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,store}")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo", help="summarize reworded articles with and without a borrowed cache",
+        description="Store summarization prompts built from articles, then summarize reworded versions of them, "
+        "once with full prefill and once with SemShare, and compare time to first token and output.",
+    )
+    _add_model_options(demo)
+    demo.add_argument("--prompts", type=int, default=3, help="number of target prompts (default: 3)")
+    demo.add_argument("--articles", type=int, default=2, help="articles per prompt (default: 2)")
+    demo.add_argument("--articles-dir", type=Path, default=None, help="a OneStopEnglish folder with Adv/ and Int/ (default: the shipped articles)")
+    demo.add_argument(
+        "--pair", nargs=2, action="append", metavar=("REFERENCE", "TARGET"),
+        help="your own UTF-8 text files: REFERENCE is stored, TARGET is its reworded version; repeatable",
+    )
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="summary length in tokens (default: 64)")
+    demo.add_argument("--show-summaries", action="store_true", help="print both summaries of every prompt")
+    demo.set_defaults(func=run_demo_command)
+
+    bench = commands.add_parser(
+        "bench", help="measure TTFT ratios, lookup cost and fidelity to full prefill",
+        description="Measure full prefill against SemShare on reworded article pairs of several sizes, on "
+        "exact-prefix chat turns and, where the MultiNews file exists, against gold summaries.",
+    )
+    _add_model_options(bench)
+    bench.add_argument("--sizes", default="1,2,4", help="articles per prompt, comma-separated (default: 1,2,4, about 1k, 2k and 4k tokens)")
+    bench.add_argument("--pairs", type=int, default=10, help="reworded pairs per size (default: 10)")
+    bench.add_argument("--exact-prefix", type=int, default=3, help="exact-prefix chat turns per size (default: 3)")
+    bench.add_argument("--runs", type=int, default=3, help="timed runs per prompt after one warm-up; the median counts (default: 3)")
+    bench.add_argument("--articles-dir", type=Path, default=None, help="a OneStopEnglish folder (default: ../shared/data/onestopenglish if present, else the shipped articles)")
+    bench.add_argument(
+        "--multinews", type=Path, default=SHARED_DATA / "multi_news" / "longbench_multi_news.jsonl",
+        help="LongBench MultiNews JSONL with gold summaries; skipped when absent",
+    )
+    bench.add_argument("--multinews-samples", type=int, default=5, help="MultiNews samples to score (default: 5)")
+    bench.add_argument("--multinews-max-tokens", type=int, default=4500, help="longest MultiNews context used, in tokens (default: 4500)")
+    bench.add_argument("--output-dir", type=Path, default=None, help="write results.json and summary.md here")
+    bench.add_argument("--quick", action="store_true", help="one size, two pairs, one run each: a smoke test, not a measurement")
+    bench.set_defaults(func=run_bench_command)
+
+    add_store_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("prompts", "articles", "pairs", "runs", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
