@@ -40,6 +40,10 @@ class ReuseConfig:
             only reused as an exact prefix, which bounds how far errors compound.
         selection: How recomputed tokens are chosen: "deviation" (largest KV
             deviation between fresh and borrowed values) or "random" (ablation only).
+        deviation_layer: Layer whose fresh-against-borrowed K/V deviation picks the
+            tokens recomputed in the second layer: 1 (the second layer itself) or 0
+            (the first layer, for ablation: first-layer K/V depend only on token and
+            position, so they cannot show a changed context).
         rerotate_keys: Apply RoPE to borrowed keys at their new positions. False is
             for ablation only: keys then keep the positions they had in the reference.
         lsh_bits: Hyperplanes per LSH table.
@@ -62,6 +66,7 @@ class ReuseConfig:
     span_head_tokens: int = 0
     max_reference_generation: int = 1
     selection: str = "deviation"
+    deviation_layer: int = 1
     rerotate_keys: bool = True
     lsh_bits: int = 16
     lsh_tables: int = 4
@@ -81,6 +86,7 @@ class ReuseConfig:
         _check_int("max_reference_generation", self.max_reference_generation, 0)
         _check_int("lsh_bits", self.lsh_bits, 1, 40)
         _check_int("lsh_tables", self.lsh_tables, 1)
+        _check_int("deviation_layer", self.deviation_layer, 0, 1)
         if self.matcher not in MATCHERS:
             raise ValueError(f"matcher={self.matcher!r} is not supported; use one of {MATCHERS}")
         if self.selection not in ("deviation", "random"):
@@ -93,6 +99,69 @@ class ReuseConfig:
         if layer == 0:
             return 1.0
         return max(self.min_recompute_ratio, self.recompute_ratio * self.recompute_decay ** (layer - 1))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How much of the prompt's KV cache decoding keeps (KV compression after prefill).
+
+    Each layer keeps a share of the prompt tokens, chosen by the attention that the
+    last ``window`` prompt tokens pay to them (summed over heads, as SnapKV scores
+    tokens). Shallow layers keep more than deep ones: the share of layer l of n is
+    ``min(1, c * depth_decay ** (l / (n - 1)))``, with c chosen so that the mean
+    share over layers is ``ratio``. The first ``sink_tokens`` and the last ``window`` tokens are always
+    kept. The reference store still receives the full, uncompressed K/V.
+
+    Attributes:
+        enabled: Compress the cache after prefill. Off by default.
+        ratio: Mean share of prompt tokens kept per layer, in (0, 1]; the share of
+            K/V bytes kept, unless the always-kept tokens raise it on short prompts.
+        depth_decay: Share of the deepest layer relative to the first layer's
+            (before the cap at 1), in (0, 1]; the shares in between fall
+            exponentially with depth. 1.0 keeps the same share in every layer.
+        window: Number of last prompt tokens whose attention scores the others;
+            they are always kept, and recomputed in every layer when reusing.
+        sink_tokens: Number of first prompt tokens always kept (attention sinks).
+        pool_kernel: Width, in tokens, of the max-pooling applied to the scores, so
+            that the neighbours of an important token are kept with it; odd, 1 for none.
+    """
+
+    enabled: bool = False
+    ratio: float = 0.5
+    depth_decay: float = 0.25
+    window: int = 32
+    sink_tokens: int = 4
+    pool_kernel: int = 7
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {self.enabled!r}")
+        _check_unit("ratio", self.ratio, low_open=True)
+        _check_unit("depth_decay", self.depth_decay, low_open=True)
+        _check_int("window", self.window, 1)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("pool_kernel", self.pool_kernel, 1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd so that pooling is centred, got {self.pool_kernel}")
+
+    def layer_shares(self, n_layers: int) -> list[float]:
+        """Return the share of prompt tokens kept in each of ``n_layers`` layers; their mean is ``ratio``."""
+        _check_int("n_layers", n_layers, 1)
+        steps = max(n_layers - 1, 1)
+        factors = [self.depth_decay ** (layer / steps) for layer in range(n_layers)]
+
+        def mean_share(scale: float) -> float:
+            return sum(min(1.0, scale * f) for f in factors) / n_layers
+
+        # mean_share grows monotonically with the scale: bisect between ratio and ratio / depth_decay.
+        low, high = self.ratio, self.ratio / factors[-1]
+        for _ in range(60):
+            middle = (low + high) / 2
+            if mean_share(middle) < self.ratio:
+                low = middle
+            else:
+                high = middle
+        return [min(1.0, high * f) for f in factors]
 
 
 @dataclass(frozen=True)

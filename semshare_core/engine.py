@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import GenerationConfig, ReuseConfig
+from .config import GenerationConfig, RetentionConfig, ReuseConfig
 from .decoding import Sampler, TextAssembler
 from .ecache import EmbeddingHasher
 from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
 from .matching import MatchResult, match_context, match_cosine, match_lsh
 from .model import LoadedModel, load_model
+from .retention import retain
 from .store import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DISK_BYTES,
@@ -56,6 +57,13 @@ class PrefillOutcome:
         lookup_s: Seconds spent on the E-cache and the reference lookup.
         match_s: Seconds spent on token matching.
         match: The token alignment, None for a full prefill.
+        kv_bytes: Bytes of prompt keys and values that decoding reads from ``cache``
+            (``KVCache.kv_bytes``), after retention when it applied.
+        full_kv_bytes: The same without retention, for comparison.
+        retention_s: Seconds spent compacting the cache; part of ``ttft_s``.
+        full_kv: The prompt's keys before RoPE and values before compaction, each
+            (n_layers, n_kv_heads, seq_len, head_dim) on the CPU, kept for the
+            reference store when retention applied and ``keep_full_kv`` was set.
     """
 
     logits: torch.Tensor
@@ -73,6 +81,10 @@ class PrefillOutcome:
     match: MatchResult | None = None
     ecache: torch.Tensor | None = None
     codes: np.ndarray | None = None
+    kv_bytes: int = 0
+    full_kv_bytes: int = 0
+    retention_s: float = 0.0
+    full_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -96,6 +108,8 @@ class GenerationResult:
     lookup_s: float = 0.0
     match_s: float = 0.0
     total_s: float = 0.0
+    kv_bytes: int = 0  # prompt K/V bytes decoding read, after retention when it applied
+    full_kv_bytes: int = 0  # the same without retention
 
     def reuse_info(self) -> dict:
         """Return the reuse details as a plain dict, for logs and response metadata."""
@@ -138,6 +152,8 @@ class SemShareEngine:
             binds it to its model, which opens a persistent store's directory.
         self_check: Verify before enabling reuse that reuse with every token
             recomputed reproduces full prefill's logits.
+        retention: KV compression after prefill; off when None. Per-call
+            overrides go to ``generate``.
     """
 
     _shared: dict[tuple, SemShareEngine] = {}
@@ -149,11 +165,15 @@ class SemShareEngine:
         reuse: ReuseConfig | None = None,
         store: ReferenceStore | None = None,
         self_check: bool = True,
+        retention: RetentionConfig | None = None,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.reuse = reuse or ReuseConfig()
+        if retention is not None and not isinstance(retention, RetentionConfig):
+            raise TypeError(f"retention must be a RetentionConfig or None, got {type(retention).__name__}")
+        self.retention = retention or RetentionConfig()
         self.store = store if store is not None else ReferenceStore(DEFAULT_MAX_BYTES)
         self.runner = TransformerRunner(loaded.model)
         self.hasher = EmbeddingHasher(self.runner, self.reuse)
@@ -182,15 +202,17 @@ class SemShareEngine:
         store_dir: str | os.PathLike | None = None,
         max_gpu_store_bytes: int = DEFAULT_MAX_GPU_BYTES,
         max_disk_store_bytes: int = DEFAULT_MAX_DISK_BYTES,
+        retention: RetentionConfig | None = None,
     ) -> SemShareEngine:
         """Load ``model`` (None for the default SmolLM2-135M-Instruct) and build an engine on it.
 
         ``store_dir`` persists references there; ``max_store_bytes``,
         ``max_gpu_store_bytes`` and ``max_disk_store_bytes`` are the store's CPU, GPU
-        and disk budgets in bytes (see ``ReferenceStore``).
+        and disk budgets in bytes (see ``ReferenceStore``). ``retention`` sets KV
+        compression after prefill (off when None).
         """
         store = ReferenceStore(max_store_bytes, store_dir, max_gpu_store_bytes, max_disk_store_bytes)
-        return cls(load_model(model, device, dtype), reuse, store, self_check)
+        return cls(load_model(model, device, dtype), reuse, store, self_check, retention)
 
     @classmethod
     def shared(
@@ -272,6 +294,8 @@ class SemShareEngine:
         reuse: ReuseConfig | None = None,
         extra_capacity: int = 0,
         reference: ReferenceEntry | None = None,
+        retention: RetentionConfig | None = None,
+        keep_full_kv: bool = False,
     ) -> PrefillOutcome:
         """Prefill ``ids``, borrowing from the best reference when reuse applies.
 
@@ -281,8 +305,14 @@ class SemShareEngine:
             reuse: Settings for this call; the engine's when None.
             extra_capacity: Cache room to leave for generated tokens.
             reference: Borrow from this entry instead of looking one up (benchmarks).
+            retention: KV compression for this call; the engine's when None. When it
+                applies, the returned cache is compacted after the logits are computed.
+            keep_full_kv: With retention, copy the uncompacted prompt K/V to
+                ``outcome.full_kv`` for the reference store before compacting.
         """
         reuse = reuse or self.reuse
+        retention = retention or self.retention
+        observe = retention.window if retention.enabled else 0
         ids_array = np.asarray(ids, dtype=np.int64)
         ids_tensor = torch.from_numpy(ids_array)
         seq_len = ids_array.shape[0]
@@ -294,32 +324,60 @@ class SemShareEngine:
             reason, candidate = self._choose_reference(ids_array, codes, namespace, reuse, reference)
             lookup_s = time.perf_counter() - start
             if candidate is None:
-                logits, stats = self.runner.prefill(ids_tensor, cache)
-                self.store.record_use(None)
-                return PrefillOutcome(
+                logits, stats = self._run_prefill(ids_tensor, cache, None, observe)
+                outcome = PrefillOutcome(
                     logits, cache, time.perf_counter() - start,
                     similarity=reason[1] if reason else None,
                     fallback_reason=reason[0] if reason else None,
                     lookup_s=lookup_s, ecache=ecache, codes=codes,
                 )
-            match_start = time.perf_counter()
-            match = self._match(ids_array, ecache, codes, candidate, reuse)
-            match_s = time.perf_counter() - match_start
-            plan, fuzzy = self._plan(match, candidate.entry, reuse)
-            logits, stats = self.runner.prefill(ids_tensor, cache, plan)
-            ttft = time.perf_counter() - start
-        self.store.record_use(candidate.entry)
-        entry = candidate.entry
-        return PrefillOutcome(
-            logits, cache, ttft,
-            similarity=candidate.similarity,
-            reference_id=entry.id,
-            reused_tokens=match.prefix_len + (seq_len - match.prefix_len) - _last_layer_new_rows(stats, match.prefix_len),
-            prefix_tokens=match.prefix_len,
-            recomputed_share=stats.recomputed_share,
-            generation=entry.generation + 1 if fuzzy else entry.generation,
-            lookup_s=lookup_s, match_s=match_s, match=match, ecache=ecache, codes=codes,
-        )
+                self._apply_retention(outcome, stats, retention, keep_full_kv)
+            else:
+                match_start = time.perf_counter()
+                match = self._match(ids_array, ecache, codes, candidate, reuse)
+                match_s = time.perf_counter() - match_start
+                plan, fuzzy = self._plan(match, candidate.entry, reuse, observe)
+                logits, stats = self._run_prefill(ids_tensor, cache, plan, observe)
+                entry = candidate.entry
+                outcome = PrefillOutcome(
+                    logits, cache, time.perf_counter() - start,
+                    similarity=candidate.similarity,
+                    reference_id=entry.id,
+                    reused_tokens=match.prefix_len + (seq_len - match.prefix_len) - _last_layer_new_rows(stats, match.prefix_len),
+                    prefix_tokens=match.prefix_len,
+                    recomputed_share=stats.recomputed_share,
+                    generation=entry.generation + 1 if fuzzy else entry.generation,
+                    lookup_s=lookup_s, match_s=match_s, match=match, ecache=ecache, codes=codes,
+                )
+                self._apply_retention(outcome, stats, retention, keep_full_kv)
+        self.store.record_use(candidate.entry if candidate is not None else None)
+        return outcome
+
+    def _run_prefill(self, ids: torch.Tensor, cache: KVCache, plan: BorrowPlan | None, observe: int):
+        if observe:
+            return self.runner.prefill(ids, cache, plan, observe=observe)
+        return self.runner.prefill(ids, cache, plan)
+
+    def _apply_retention(
+        self, outcome: PrefillOutcome, stats: PrefillStats, retention: RetentionConfig, keep_full_kv: bool
+    ) -> None:
+        """Compact ``outcome.cache`` when retention is enabled, and record the K/V bytes either way."""
+        cache = outcome.cache
+        outcome.full_kv_bytes = outcome.kv_bytes = cache.kv_bytes
+        if not retention.enabled:
+            return
+        seq_len = cache.length
+        if keep_full_kv:
+            # The store keeps the uncompacted K/V; this copy replaces the one it would make later.
+            outcome.full_kv = (
+                cache.k_pre[:, :, :seq_len].to("cpu", copy=True),
+                cache.v[:, :, :seq_len].to("cpu", copy=True),
+            )
+        start = time.perf_counter()
+        outcome.cache = retain(cache, stats.observed_attention, retention)
+        outcome.retention_s = time.perf_counter() - start
+        outcome.ttft_s += outcome.retention_s
+        outcome.kv_bytes = outcome.cache.kv_bytes
 
     def full_prefill(self, ids: Sequence[int], extra_capacity: int = 0) -> tuple[torch.Tensor, KVCache, float]:
         """Run a plain full prefill; return logits, cache and seconds taken (the baseline)."""
@@ -377,11 +435,19 @@ class SemShareEngine:
             return match_cosine(ecache, entry.ecache, prefix_len, reuse.min_match_similarity)
         return match_lsh(ecache, codes, entry.ecache, entry.codes, prefix_len, reuse.min_match_similarity)
 
-    def _plan(self, match: MatchResult, entry: ReferenceEntry, reuse: ReuseConfig) -> tuple[BorrowPlan, bool]:
-        """Build the borrow plan; the flag is True when more than the exact prefix is borrowed."""
+    def _plan(
+        self, match: MatchResult, entry: ReferenceEntry, reuse: ReuseConfig, observe: int = 0
+    ) -> tuple[BorrowPlan, bool]:
+        """Build the borrow plan; the flag is True when more than the exact prefix is borrowed.
+
+        The last ``observe`` tokens are recomputed in every layer, so that their
+        attention can score the cache for retention.
+        """
         prefix_len = match.prefix_len
         n_new = match.ref_index.shape[0]
         forced = forced_rows(match, reuse.span_head_tokens, reuse.min_context_tokens)
+        if observe:
+            forced[-observe:] = True
         fuzzy = entry.generation < reuse.max_reference_generation and not forced.all()
         device = self.runner.device
         prefix_k_pre = entry.k_pre[:, :, :prefix_len].to(device)
@@ -399,7 +465,8 @@ class SemShareEngine:
         plan = BorrowPlan(
             prefix_len, prefix_k_pre, prefix_v, k_pre, v,
             torch.from_numpy(forced).to(device), ratios,
-            selection=reuse.selection, reference_positions=reference_positions, seed=reuse.seed,
+            selection=reuse.selection, deviation_layer=reuse.deviation_layer,
+            reference_positions=reference_positions, seed=reuse.seed,
         )
         return plan, True
 
@@ -412,6 +479,7 @@ class SemShareEngine:
         namespace: str = "default",
         reuse: ReuseConfig | None = None,
         store: bool = True,
+        retention: RetentionConfig | None = None,
     ) -> GenerationResult:
         """Complete ``prompt`` and return the text with the reuse details.
 
@@ -421,12 +489,15 @@ class SemShareEngine:
             namespace: References are only borrowed within one namespace.
             reuse: Reuse settings for this call; the engine's when None.
             store: Store the prompt and its completion as a reference afterwards.
+                With retention the completion's K/V were computed against the
+                compacted cache, so only the prompt, with its full K/V, is stored.
+            retention: KV compression for this call; the engine's when None.
 
         Raises:
             ValueError: Empty prompt, prompt longer than the context window, invalid ids.
             TypeError: ``prompt`` is neither text nor ids.
         """
-        stream = self.stream(prompt, generation, namespace, reuse, store)
+        stream = self.stream(prompt, generation, namespace, reuse, store, retention)
         for _ in stream:
             pass
         assert stream.result is not None
@@ -439,6 +510,7 @@ class SemShareEngine:
         namespace: str = "default",
         reuse: ReuseConfig | None = None,
         store: bool = True,
+        retention: RetentionConfig | None = None,
     ) -> GenerationStream:
         """Like ``generate``, but return an iterator of text pieces as they are decoded.
 
@@ -450,19 +522,21 @@ class SemShareEngine:
             raise TypeError(f"generation must be a GenerationConfig or None, got {type(generation).__name__}")
         if reuse is not None and not isinstance(reuse, ReuseConfig):
             raise TypeError(f"reuse must be a ReuseConfig or None, got {type(reuse).__name__}")
+        if retention is not None and not isinstance(retention, RetentionConfig):
+            raise TypeError(f"retention must be a RetentionConfig or None, got {type(retention).__name__}")
         if not isinstance(store, bool):
             raise TypeError(f"store must be True or False, got {store!r}")
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
         ids = self.encode(prompt)
         stream = GenerationStream(iter(()))
-        stream._pieces = self._generate_pieces(stream, ids, generation, namespace, reuse, store)
+        stream._pieces = self._generate_pieces(stream, ids, generation, namespace, reuse, store, retention)
         return stream
 
-    def _generate_pieces(self, stream, ids, generation, namespace, reuse, store) -> Iterator[str]:
+    def _generate_pieces(self, stream, ids, generation, namespace, reuse, store, retention=None) -> Iterator[str]:
         start = time.perf_counter()
         max_new = min(generation.max_new_tokens, self.context_window - len(ids))
-        outcome = self.prefill(ids, namespace, reuse, extra_capacity=max_new)
+        outcome = self.prefill(ids, namespace, reuse, extra_capacity=max_new, retention=retention, keep_full_kv=store)
         sampler = Sampler(generation)
         assembler = TextAssembler(self.tokenizer, generation.stop)
         logits, cache = outcome.logits, outcome.cache
@@ -508,12 +582,28 @@ class SemShareEngine:
             lookup_s=outcome.lookup_s,
             match_s=outcome.match_s,
             total_s=time.perf_counter() - start,
+            kv_bytes=outcome.kv_bytes,
+            full_kv_bytes=outcome.full_kv_bytes,
         )
 
     def _store(self, ids: list[int], generated: list[int], outcome: PrefillOutcome, namespace: str) -> str | None:
-        """Store the prompt and the generated tokens whose K/V are in the cache."""
+        """Store the prompt and the generated tokens whose K/V are in the cache.
+
+        After retention only the prompt is stored, from ``outcome.full_kv``: the
+        generated tokens' K/V were computed against the compacted cache, and an exact
+        prefix is served as it is, so storing them would pass the approximation on.
+        """
         cache = outcome.cache
-        length = cache.length
+        if cache.layer_lengths is not None:
+            if outcome.full_kv is None:
+                return None
+            generated = []
+            length = len(ids)
+            k_pre, v = outcome.full_kv
+        else:
+            length = cache.length
+            k_pre = cache.k_pre[:, :, :length].to("cpu", copy=True)
+            v = cache.v[:, :, :length].to("cpu", copy=True)
         token_ids = np.asarray((ids + generated)[:length], dtype=np.int64)
         ecache = outcome.ecache
         codes = outcome.codes
@@ -523,8 +613,8 @@ class SemShareEngine:
             codes = np.concatenate([codes, self.hasher.codes(extra)])
         entry = ReferenceEntry(
             token_ids=token_ids,
-            k_pre=cache.k_pre[:, :, :length].to("cpu", copy=True),
-            v=cache.v[:, :, :length].to("cpu", copy=True),
+            k_pre=k_pre,
+            v=v,
             ecache=ecache,
             codes=codes,
             namespace=namespace,

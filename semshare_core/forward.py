@@ -46,16 +46,52 @@ def causal_mask(
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values of one sequence, preallocated for prompt and completion."""
+    """Per-layer keys and values of one sequence, preallocated for prompt and completion.
 
-    k_pre: torch.Tensor  # (n_layers, n_kv_heads, capacity, head_dim), keys before RoPE
-    k: torch.Tensor  # (n_layers, n_kv_heads, capacity, head_dim), keys after RoPE
-    v: torch.Tensor  # (n_layers, n_kv_heads, capacity, head_dim)
-    length: int = 0
+    A full cache stores (n_layers, n_kv_heads, capacity, head_dim) tensors whose row i
+    is position i. A compacted cache (see ``retention.compact_cache``) keeps different
+    rows in each layer: ``k_pre``, ``k`` and ``v`` are then lists of per-layer
+    (n_kv_heads, layer_capacity, head_dim) tensors, ``layer_lengths`` counts the
+    filled rows of each layer and ``positions`` holds each row's true position.
+    Indexing ``cache.k[layer]`` gives a layer's (n_kv_heads, rows, head_dim) tensor
+    in both forms.
+    """
+
+    k_pre: torch.Tensor | list[torch.Tensor]  # keys before RoPE
+    k: torch.Tensor | list[torch.Tensor]  # keys after RoPE
+    v: torch.Tensor | list[torch.Tensor]
+    length: int = 0  # tokens processed so far, so the position of the next token
+    layer_lengths: list[int] | None = None  # filled rows per layer; None when every layer has ``length``
+    positions: list[torch.Tensor] | None = None  # per layer (layer_capacity,) int64 positions of the rows
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.k)
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        """Maximum number of tokens, prompt and completion, that the cache can hold."""
+        if self.layer_lengths is None:
+            return self.k.shape[2]
+        return self.length + min(k.shape[1] - rows for k, rows in zip(self.k, self.layer_lengths))
+
+    def layer_length(self, layer: int) -> int:
+        """Return the number of filled rows of ``layer``."""
+        return self.length if self.layer_lengths is None else self.layer_lengths[layer]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the filled key (after RoPE) and value rows that attention reads.
+
+        The keys before RoPE that the cache also keeps, for the reference store, are
+        not counted: they take as many bytes again as the keys.
+        """
+        total = 0
+        for layer in range(self.n_layers):
+            k, v = self.k[layer], self.v[layer]  # (n_kv_heads, rows, head_dim)
+            row_bytes = k.shape[0] * k.shape[-1] * k.element_size() + v.shape[0] * v.shape[-1] * v.element_size()
+            total += row_bytes * self.layer_length(layer)
+        return total
 
 
 @dataclass
@@ -86,6 +122,8 @@ class PrefillStats:
 
     rows_per_layer: list[int] = field(default_factory=list)
     seq_len: int = 0
+    # (n_layers, seq_len) float32: attention the last observed prompt tokens paid to each position
+    observed_attention: torch.Tensor | None = None
 
     @property
     def recomputed_share(self) -> float:
@@ -178,13 +216,19 @@ class TransformerRunner:
         return self.lm_head(self.norm(hidden_row[None, :]))[0].float()
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, cache: KVCache, plan: BorrowPlan | None = None) -> tuple[torch.Tensor, PrefillStats]:
+    def prefill(
+        self, ids: torch.Tensor, cache: KVCache, plan: BorrowPlan | None = None, observe: int = 0
+    ) -> tuple[torch.Tensor, PrefillStats]:
         """Fill ``cache`` with the prompt ``ids`` (seq_len,) and return the last token's logits.
 
         Without a plan every token runs through every layer. With a plan the prefix is
         copied, every other token runs through the first layer, and later layers
         recompute a nested, shrinking set of tokens chosen by KV deviation; all other
         rows keep the borrowed K/V.
+
+        With ``observe`` > 0, ``stats.observed_attention`` records per layer the
+        attention that the last ``observe`` tokens pay to every position, summed over
+        heads and over those tokens. A plan must then force those tokens in every layer.
         """
         seq_len = ids.shape[0]
         if seq_len > cache.capacity:
@@ -196,6 +240,8 @@ class TransformerRunner:
         positions = torch.arange(seq_len, device=device)
         cos, sin = self.rope(positions)  # (seq_len, head_dim)
         stats = PrefillStats(seq_len=seq_len)
+        if observe:
+            stats.observed_attention = torch.zeros(self.n_layers, seq_len, dtype=torch.float32, device=device)
 
         if plan is not None and prefix_len:
             cache.k_pre[:, :, :prefix_len] = plan.prefix_k_pre
@@ -236,6 +282,8 @@ class TransformerRunner:
                 k_all[:, fresh_rows] = fresh[:, fresh_rows - prefix_len]
             cache.k[index, :, :seq_len] = k_all
             q = apply_rope(self.project_q(layer, x), cos[active], sin[active])  # (n_heads, n_active, head_dim)
+            if observe:
+                stats.observed_attention[index] = self._observed_attention(index, q, active, k_all, observe)
             window = self.windows[index]
             full_causal = prefix_len == 0 and active.shape[0] == seq_len and window is None
             mask = None if full_causal else causal_mask(active, seq_len, window, device)
@@ -257,6 +305,26 @@ class TransformerRunner:
         v_scale = v_new.float().pow(2).sum(dim=(0, 2)).sqrt().mean().clamp_min(1e-6)
         return dk / k_scale + dv / v_scale
 
+    def _observed_attention(
+        self, index: int, q: torch.Tensor, active: torch.Tensor, k_all: torch.Tensor, observe: int
+    ) -> torch.Tensor:
+        """Return the attention of the last ``observe`` tokens to each position, summed, (seq_len,) float32.
+
+        ``q`` (n_heads, n_active, head_dim) holds the RoPE'd queries of the rows at
+        ``active``, and ``k_all`` (n_kv_heads, seq_len, head_dim) the layer's keys.
+        """
+        seq_len = k_all.shape[1]
+        rows = active >= seq_len - observe
+        n_obs = min(observe, seq_len)
+        assert int(rows.sum()) == n_obs, "the observed tokens must be computed in every layer"
+        group = self.n_heads // self.n_kv_heads
+        # Query head h reads key head h // group, so each key head serves `group` consecutive query heads.
+        q_obs = q[:, rows].float().reshape(self.n_kv_heads, group * n_obs, self.head_dim)
+        scores = q_obs @ k_all.float().transpose(1, 2) * self.scaling  # (n_kv_heads, group * n_obs, seq_len)
+        mask = causal_mask(active[rows], seq_len, self.windows[index], q.device).repeat(group, 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+
     @torch.inference_mode()
     def decode_step(self, token_id: int, cache: KVCache) -> torch.Tensor:
         """Append one token to ``cache`` and return its next-token logits (vocab,)."""
@@ -269,16 +337,25 @@ class TransformerRunner:
         for index, layer in enumerate(self.layers):
             x = layer.input_layernorm(hidden)
             k_new, v_new = self.project_kv(layer, x)  # (n_kv_heads, 1, head_dim)
-            cache.k_pre[index, :, pos : pos + 1] = k_new
-            cache.k[index, :, pos : pos + 1] = apply_rope(k_new, cos, sin)
-            cache.v[index, :, pos : pos + 1] = v_new
+            row = cache.layer_length(index)  # equals pos unless retention dropped rows of this layer
+            cache.k_pre[index][:, row : row + 1] = k_new
+            cache.k[index][:, row : row + 1] = apply_rope(k_new, cos, sin)
+            cache.v[index][:, row : row + 1] = v_new
             window = self.windows[index]
-            start = 0 if window is None else max(0, pos + 1 - window)
+            start, mask = 0, None
+            if cache.positions is not None:
+                cache.positions[index][row] = pos
+                if window is not None:
+                    mask = cache.positions[index][None, : row + 1] > pos - window  # (1, rows)
+            elif window is not None:
+                start = max(0, pos + 1 - window)
             q = apply_rope(self.project_q(layer, x), cos, sin)  # (n_heads, 1, head_dim)
-            keys = cache.k[index, :, start : pos + 1]
-            values = cache.v[index, :, start : pos + 1]
-            hidden = self.attend_and_mlp(layer, hidden, q, keys, values, None, False)
+            keys = cache.k[index][:, start : row + 1]  # (n_kv_heads, n_keys, head_dim)
+            values = cache.v[index][:, start : row + 1]
+            hidden = self.attend_and_mlp(layer, hidden, q, keys, values, mask, False)
         cache.length = pos + 1
+        if cache.layer_lengths is not None:
+            cache.layer_lengths = [rows + 1 for rows in cache.layer_lengths]
         return self.logits(hidden[0])
 
 
