@@ -190,7 +190,7 @@ def template_renders_tools(tokenizer: Any) -> bool:
     """Return whether the tokenizer's chat template renders the ``tools`` argument.
 
     The check renders one message with and without a probe tool; a template that
-    ignores tools gives the same text twice. The answer is cached per template.
+    ignores tools gives the same text twice. The result is cached per template.
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:

@@ -22,9 +22,9 @@ The system prompt gets, after its own text::
 An assistant turn that called tools is rendered as its text followed by one
 ``<tool_call>`` block per call. Tool results are rendered as a user turn of
 ``<tool_response>`` blocks, each a JSON object with "name", "tool_call_id" and
-"content". This is the format Qwen2.5 and Hermes models are trained on; its
-``<tool_call>`` blocks are also what Qwen2.5's own template makes the model emit,
-so the same parser serves templates that do render tools.
+"content". Qwen2.5's own chat template lists tools and asks for calls with the same
+``<tools>`` and ``<tool_call>`` tags, so the same parser also reads the calls of
+models whose template renders tools that way.
 
 A required tool call (``tool_choice`` "required" or a tool name) is enforced by
 ending the prompt with the opening of the block, so the model only writes the rest.
@@ -33,12 +33,9 @@ ending the prompt with the opening of the block, so the model only writes the re
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-
-logger = logging.getLogger(__name__)
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -76,7 +73,7 @@ class Message:
         role: "system", "user", "assistant" or "tool".
         content: Text content.
         tool_calls: Calls made by an assistant message.
-        tool_call_id: Id of the call a tool message answers.
+        tool_call_id: Id of the call that a tool message responds to.
         name: Tool name of a tool message.
     """
 
@@ -128,8 +125,9 @@ def normalize_tool_choice(tool_choice: object, tools: list[dict]) -> str:
 def forced_reply_prefix(tool_choice: str, tools: list[dict]) -> str:
     """Return the text that the reply must start with to honour ``tool_choice``.
 
-    A required call opens the block and the name key; a named tool also gets its
-    name and the arguments key, so the model writes only the arguments.
+    A required call opens the block and the name key. A named tool (or the only
+    bound tool) also gets its name and the arguments key, so the model writes only
+    the arguments.
     """
     if not tools or tool_choice in (AUTO, NONE):
         return ""

@@ -70,6 +70,12 @@ _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", 
 
 _STRUCTURED_METHODS = ("function_calling", "json_schema", "json_mode")
 
+# LangChain's own fields, left out of the parameters that identify a model in traces.
+_FRAMEWORK_FIELDS = {
+    "engine", "callbacks", "cache", "verbose", "metadata", "tags", "custom_get_token_ids", "rate_limiter", "profile",
+    "disable_streaming", "output_version", "name",
+}
+
 
 def _content_text(content: str | list, role: str) -> str:
     """Return the text of a message's content, given as a string or a list of blocks.
@@ -242,7 +248,7 @@ class ChatSemShare(_SemShareLanguageModel, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "metadata", "tags", "custom_get_token_ids", "rate_limiter", "profile"}, exclude_none=True)
+        return self.model_dump(exclude=_FRAMEWORK_FIELDS, exclude_none=True)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -374,7 +380,8 @@ class ChatSemShare(_SemShareLanguageModel, BaseChatModel):
                 response_metadata=response_metadata(engine, result, collector.tool_calls),
                 chunk_position="last",
             )
-            return ChatGenerationChunk(message=message, generation_info={"finish_reason": finish_reason(result, collector.tool_calls)})
+            info = {"finish_reason": finish_reason(result, collector.tool_calls)}
+            return ChatGenerationChunk(message=message, generation_info=info)
         return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
 
     def _chat_result(self, engine: SemShareEngine, reply: Reply) -> ChatResult:
@@ -489,7 +496,7 @@ class SemShareLLM(_SemShareLanguageModel, LLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "metadata", "tags", "custom_get_token_ids"}, exclude_none=True)
+        return self.model_dump(exclude=_FRAMEWORK_FIELDS, exclude_none=True)
 
     def _prepare(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]):
         settings = self._settings_for_call(stop, kwargs)

@@ -52,7 +52,7 @@ def real_model(**settings) -> ChatSemShare:
 def test_instances_share_one_engine(default_engine, monkeypatch):
     loads = []
     monkeypatch.setattr(SemShareEngine, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
-    models = [ChatSemShare(device="cpu") for _ in range(10)] + [SemShareLLM(device="auto", dtype="auto")]
+    models = [ChatSemShare(device="cpu") for _ in range(10)] + [SemShareLLM(device="cpu", dtype="auto")]
     engines = {id(resolve_engine(model)) for model in models}
     assert engines == {id(default_engine)}
     assert loads == []
