@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from semshare_core.config import GenerationConfig, ReuseConfig
@@ -197,6 +196,9 @@ def template_renders_tools(tokenizer: Any) -> bool:
         return False
     key = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     if key not in _TEMPLATE_RENDERS_TOOLS:
+        # transformers renders chat templates with jinja2, so it is installed wherever a template works.
+        from jinja2 import TemplateError
+
         probe = [{"role": "user", "content": "Hello"}]
         tool = {
             "type": "function",
@@ -209,7 +211,7 @@ def template_renders_tools(tokenizer: Any) -> bool:
         without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         try:
             with_tools = tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False, add_generation_prompt=True)
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
+        except (TemplateError, TypeError, ValueError) as e:
             logger.info("Chat template fails with tools (%s); tools go into the system prompt", e)
             with_tools = without
         _TEMPLATE_RENDERS_TOOLS[key] = with_tools != without and "semshare_probe_tool" in with_tools

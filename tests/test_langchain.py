@@ -355,3 +355,10 @@ def test_llm_generation_info_and_stream():
 
     assert asyncio.run(astreamed()) == text
     assert asyncio.run(llm.ainvoke(prompt)) == text
+
+
+def test_model_override_per_call(scripted):
+    model = ChatSemShare(engine=scripted)
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        model.invoke("Hello", model="/nonexistent/does-not-exist")
+    assert model._get_ls_params(model="other-model")["ls_model_name"] == "other-model"
