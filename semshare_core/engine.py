@@ -458,15 +458,13 @@ class SemShareEngine:
                 torch.ones(n_new, dtype=torch.bool, device=device), [1.0] * self.runner.n_layers,
             ), False
         index = torch.from_numpy(match.ref_index).to(entry.k_pre.device)
-        k_pre = entry.k_pre.index_select(2, index).to(device)  # (n_layers, n_kv_heads, n_new, head_dim)
-        v = entry.v.index_select(2, index).to(device)
         ratios = [reuse.layer_ratio(layer) for layer in range(self.runner.n_layers)]
         reference_positions = None if reuse.rerotate_keys else index
         plan = BorrowPlan(
-            prefix_len, prefix_k_pre, prefix_v, k_pre, v,
+            prefix_len, prefix_k_pre, prefix_v, entry.k_pre, entry.v,
             torch.from_numpy(forced).to(device), ratios,
             selection=reuse.selection, deviation_layer=reuse.deviation_layer,
-            reference_positions=reference_positions, seed=reuse.seed,
+            reference_positions=reference_positions, seed=reuse.seed, source_index=index,
         )
         return plan, True
 

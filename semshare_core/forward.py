@@ -100,7 +100,9 @@ class BorrowPlan:
 
     Positions ``[0, prefix_len)`` are an exact common prefix, served as they are. For
     the other ``n = seq_len - prefix_len`` tokens, ``k_pre`` and ``v`` hold the matched
-    reference rows in target order.
+    reference rows in target order, or, when ``source_index`` is set, the whole
+    reference, whose rows ``source_index`` picks one layer at a time. Gathering per
+    layer straight into the cache avoids one large strided copy of every layer.
     """
 
     prefix_len: int
@@ -114,6 +116,15 @@ class BorrowPlan:
     deviation_layer: int = 1
     reference_positions: torch.Tensor | None = None  # (n,) set only when keys are not re-rotated
     seed: int = 0
+    source_index: torch.Tensor | None = None  # (n,) reference row of each target row
+
+    def borrowed(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the borrowed keys before RoPE and values of ``layer``, each (n_kv_heads, n, head_dim)."""
+        if self.source_index is None:
+            return self.k_pre[layer], self.v[layer]
+        k_pre = self.k_pre[layer].index_select(1, self.source_index)
+        v = self.v[layer].index_select(1, self.source_index)
+        return k_pre.to(device, non_blocking=True), v.to(device, non_blocking=True)
 
 
 @dataclass
@@ -163,9 +174,9 @@ class TransformerRunner:
     def new_cache(self, capacity: int) -> KVCache:
         shape = (self.n_layers, self.n_kv_heads, capacity, self.head_dim)
         return KVCache(
-            k_pre=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            k=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            v=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            k_pre=torch.empty(shape, dtype=self.dtype, device=self.device),
+            k=torch.empty(shape, dtype=self.dtype, device=self.device),
+            v=torch.empty(shape, dtype=self.dtype, device=self.device),
         )
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,14 +270,16 @@ class TransformerRunner:
             x = layer.input_layernorm(hidden)
             k_new, v_new = self.project_kv(layer, x)  # (n_kv_heads, n_active, head_dim)
             if borrowing:
-                cache.k_pre[index, :, prefix_len:seq_len] = plan.k_pre[index]
-                cache.v[index, :, prefix_len:seq_len] = plan.v[index]
+                borrowed_k_pre, borrowed_v = plan.borrowed(index, device)
+                cache.k_pre[index, :, prefix_len:seq_len] = borrowed_k_pre
+                cache.v[index, :, prefix_len:seq_len] = borrowed_v
             cache.k_pre[index, :, active] = k_new
             cache.v[index, :, active] = v_new
 
             fresh_rows = active
             if borrowing and (index == plan.deviation_layer or index >= 2):
-                ranking = self._score(plan, index, active - prefix_len, k_new, v_new, generator)
+                borrowed = (borrowed_k_pre, borrowed_v)
+                ranking = self._score(plan, borrowed, active - prefix_len, k_new, v_new, generator)
             if borrowing and index >= 1:
                 budget = math.ceil(plan.layer_ratios[index] * n_new)
                 keep = _select(ranking, budget, plan.forced[active - prefix_len])
@@ -276,7 +289,7 @@ class TransformerRunner:
             stats.rows_per_layer.append(int(active.shape[0]))
             k_all = apply_rope(cache.k_pre[index, :, :seq_len], cos, sin)  # (n_kv_heads, seq_len, head_dim)
             if borrowed_cos_sin is not None:
-                borrowed = apply_rope(plan.k_pre[index], *borrowed_cos_sin)
+                borrowed = apply_rope(borrowed_k_pre, *borrowed_cos_sin)
                 fresh = k_all[:, prefix_len:].clone()
                 k_all[:, prefix_len:] = borrowed
                 k_all[:, fresh_rows] = fresh[:, fresh_rows - prefix_len]
@@ -293,12 +306,14 @@ class TransformerRunner:
         assert int(active[-1]) == seq_len - 1, "the last token must be recomputed in every layer"
         return self.logits(hidden[-1]), stats
 
-    def _score(self, plan: BorrowPlan, index: int, rows: torch.Tensor, k_new, v_new, generator) -> torch.Tensor:
+    def _score(
+        self, plan: BorrowPlan, borrowed: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, k_new, v_new, generator
+    ) -> torch.Tensor:
         """Rank rows for recomputation: larger scores are recomputed first."""
         if plan.selection == "random":
             return torch.rand(rows.shape[0], generator=generator).to(self.device)
-        k_old = plan.k_pre[index][:, rows]  # (n_kv_heads, n_rows, head_dim)
-        v_old = plan.v[index][:, rows]
+        k_old = borrowed[0][:, rows]  # (n_kv_heads, n_rows, head_dim)
+        v_old = borrowed[1][:, rows]
         dk = (k_new - k_old).float().pow(2).sum(dim=(0, 2)).sqrt()  # (n_rows,)
         dv = (v_new - v_old).float().pow(2).sum(dim=(0, 2)).sqrt()
         k_scale = k_new.float().pow(2).sum(dim=(0, 2)).sqrt().mean().clamp_min(1e-6)
