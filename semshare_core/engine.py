@@ -19,7 +19,7 @@ from .decoding import Sampler, TextAssembler
 from .ecache import EmbeddingHasher
 from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
 from .matching import MatchResult, match_context, match_cosine, match_lsh
-from .model import LoadedModel, load_model
+from .model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device, resolve_dtype
 from .retention import retain
 from .store import (
     DEFAULT_MAX_BYTES,
@@ -224,7 +224,9 @@ class SemShareEngine:
     ) -> SemShareEngine:
         """Return the process-wide engine of a model and store directory, loading it on first use."""
         store_key = os.path.abspath(os.path.expanduser(store_dir)) if store_dir is not None else None
-        key = (model, device, dtype, store_key)
+        torch_device = resolve_device(device)
+        model_key = None if model in (None, DEFAULT_MODEL) else os.path.abspath(os.path.expanduser(model))
+        key = (model_key, str(torch_device), str(resolve_dtype(dtype, torch_device)), store_key)
         with cls._shared_lock:
             engine = cls._shared.get(key)
             if engine is None:

@@ -95,8 +95,8 @@ def load_model(
     """Load a causal LM and its tokenizer without any network access.
 
     Args:
-        model: None for the default model, a local transformers folder, or a path
-            to a ``.gguf`` file.
+        model: None or "SmolLM2-135M-Instruct" for the default model, a local
+            transformers folder, or a path to a ``.gguf`` file.
         device: "auto", "cpu", "cuda" or a torch device.
         dtype: "auto", "float32", "float16", "bfloat16" or a torch dtype.
 
@@ -108,7 +108,8 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    if model is None:
+    if model is None or model == DEFAULT_MODEL:
+        model = None
         gguf_path = default_gguf_path()
     else:
         path = Path(model).expanduser()
