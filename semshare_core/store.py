@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from . import persist
-from .ecache import code_sets, lsh_similarity
+from .ecache import code_sets
+from .lsh_index import LSHCodeIndex
 from .matching import common_prefix_len
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,9 @@ class ReferenceStore:
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._by_tokens: dict[tuple[str, bytes], str] = {}
         self._lock = threading.RLock()
+        # One LSH code index per namespace, brought up to date by each find().
+        self._indexes: dict[str, LSHCodeIndex] = {}
+        self._index_lock = threading.Lock()
         self._seq = itertools.count()
         self._stats = StoreStats()
         self._cpu_bytes = 0
@@ -472,11 +476,15 @@ class ReferenceStore:
         The candidates' K/V may not be loaded: pass the chosen one to ``load``.
         """
         with self._lock:
-            records = [r for r in self._records.values() if r.entry.namespace == namespace]
-        scored = sorted(
-            ((lsh_similarity(codes, r.entry.code_sets), r.seq, r.entry) for r in records),
-            key=lambda item: (-item[0], item[1]),
-        )[:top]
+            records = {r.seq: r for r in self._records.values() if r.entry.namespace == namespace}
+            namespaces = {r.entry.namespace for r in self._records.values()}
+        with self._index_lock:
+            for name in [name for name in self._indexes if name not in namespaces]:
+                del self._indexes[name]
+            # NOTE: an index keeps the code sets of evicted entries until its namespace is searched again.
+            index = self._indexes.setdefault(namespace, LSHCodeIndex())
+            index.sync({seq: record.entry.code_sets for seq, record in records.items()})
+            scored = [(similarity, seq, records[seq].entry) for similarity, seq in index.top(codes, top)]
         seq_len = max(int(token_ids.shape[0]), 1)
         ranked = []
         for similarity, seq, entry in scored:
