@@ -100,10 +100,10 @@ class Benchmark:
         )
 
     def reworded_pair(self, group: list[ArticlePair]) -> PairResult:
-        """Store the advanced versions of ``group``, then measure the intermediate rewrites."""
+        """Store the intermediate rewrites of ``group``, then measure the longer advanced originals."""
         engine = self.engine
-        self.store_reference(engine.apply_chat_template(summarization_messages([a.advanced for a in group])))
-        target = engine.apply_chat_template(summarization_messages([a.intermediate for a in group]))
+        self.store_reference(engine.apply_chat_template(summarization_messages([a.intermediate for a in group])))
+        target = engine.apply_chat_template(summarization_messages([a.advanced for a in group]))
         return self.measure("reworded", len(group), target)
 
     def exact_prefix_pair(self, group: list[ArticlePair], new_tokens: int = 32) -> PairResult:
@@ -123,8 +123,7 @@ class Benchmark:
     def multinews_pair(self, sample: dict, new_tokens: int, scorer) -> PairResult:
         """Store a MultiNews prompt, then summarize its passages in reverse order, scoring both against gold."""
         engine = self.engine
-        passages = [p.strip() for p in sample["context"].replace("NEWLINE_CHAR", "\n").split("Passage ") if p.strip()]
-        passages = [p.split(":", 1)[1].strip() if ":" in p[:6] else p for p in passages]
+        passages = multinews_passages(sample)
         self.store_reference(engine.apply_chat_template(summarization_messages(passages)))
         target = engine.apply_chat_template(summarization_messages(passages[::-1]))
         result = self.measure("multinews", len(passages), target)
@@ -135,6 +134,12 @@ class Benchmark:
         result.rouge_full = scorer.score(gold, full.text)["rougeL"].fmeasure
         result.rouge_semshare = scorer.score(gold, shared.text)["rougeL"].fmeasure
         return result
+
+
+def multinews_passages(sample: dict) -> list[str]:
+    """Return the passages of a LongBench MultiNews sample ("Passage 1: ..." with NEWLINE_CHAR line breaks)."""
+    passages = [p.strip() for p in sample["context"].replace("NEWLINE_CHAR", "\n").split("Passage ") if p.strip()]
+    return [p.split(":", 1)[1].strip() if ":" in p[:6] else p for p in passages]
 
 
 def article_groups(pairs: list[ArticlePair], size: int, count: int, seed: int = 0) -> list[list[ArticlePair]]:

@@ -98,17 +98,28 @@ def run_demo_command(args) -> int:
 
 
 def run_bench_command(args) -> int:
-    from .bench import load_multinews, run_benchmark, summarize, write_results
-
+    if args.plots and args.output_dir is None:
+        raise SystemExit("error: --plots needs --output-dir, the folder the PNG files are written to")
     articles_dir = args.articles_dir
     if articles_dir is None and (SHARED_DATA / "onestopenglish").is_dir():
         articles_dir = SHARED_DATA / "onestopenglish"
     articles = _articles(articles_dir)
+    engine = _engine(args)
+    if args.suite in ("core", "all"):
+        _run_core_bench(args, engine, articles, articles_dir)
+    if args.suite in ("paper", "all"):
+        _run_paper_bench(args, engine, articles)
+    return 0
+
+
+def _run_core_bench(args, engine, articles: list[ArticlePair], articles_dir) -> None:
+    from .bench import load_multinews, run_benchmark, summarize, write_results
+
     sizes = [int(s) for s in args.sizes.split(",")]
-    pairs_per_size, exact, samples, runs = args.pairs, args.exact_prefix, args.multinews_samples, args.runs
+    samples = args.multinews_samples if args.multinews_samples is not None else 5
+    pairs_per_size, exact, runs = args.pairs, args.exact_prefix, args.runs
     if args.quick:
         sizes, pairs_per_size, exact, samples, runs = [1], 2, 1, min(samples, 1), 1
-    engine = _engine(args)
     multinews = load_multinews(args.multinews, engine, args.multinews_max_tokens, samples) if samples else []
     print(f"Articles: {len(articles)} pairs from {articles_dir or 'the package'}; MultiNews samples: {len(multinews)}", file=sys.stderr)
     results = run_benchmark(engine, articles, sizes, pairs_per_size, exact, multinews, runs=runs)
@@ -118,7 +129,56 @@ def run_bench_command(args) -> int:
         write_results(results, args.output_dir / "results.json")
         (args.output_dir / "summary.md").write_text(table + "\n")
         print(f"\nWrote {args.output_dir / 'results.json'} and summary.md", file=sys.stderr)
-    return 0
+
+
+def _run_paper_bench(args, engine, articles: list[ArticlePair]) -> None:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from .bench import load_multinews
+    from .bench_report import render_markdown, write_json, write_plots
+    from .bench_suites import SUITES, SuiteSettings, run_paper_suites, step_count
+
+    settings = SuiteSettings.quick() if args.quick else SuiteSettings()
+    if args.lengths and not args.quick:
+        settings.lengths = [int(n) for n in args.lengths.split(",")]
+    if not args.quick:
+        settings.runs = args.runs
+    if args.retention_ratio is not None:
+        settings.retention = dataclasses.replace(settings.retention, ratio=args.retention_ratio)
+    if args.multinews_samples is not None:
+        settings.multinews_samples = min(args.multinews_samples, 1) if args.quick else args.multinews_samples
+    suites = [s for s in args.only.split(",") if s] if args.only else list(SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"error: unknown suite(s) {', '.join(unknown)} in --only; choose from {', '.join(SUITES)}")
+    multinews = []
+    if "quality" in suites and settings.multinews_samples:
+        multinews = load_multinews(args.multinews, engine, settings.multinews_max_tokens, settings.multinews_samples)
+    print(f"Paper suites: {', '.join(suites)}; MultiNews samples: {len(multinews)}", file=sys.stderr)
+    bar = tqdm(total=step_count(settings, suites, len(multinews)), desc="paper bench", unit="step")
+    started = False
+
+    def progress(message: str) -> None:
+        nonlocal started
+        if started:
+            bar.update()
+        started = True
+        bar.set_postfix_str(message)
+
+    results = run_paper_suites(engine, articles, multinews, settings, suites, progress)
+    bar.update()
+    bar.close()
+    report = render_markdown(results)
+    print(report)
+    if args.output_dir:
+        write_json(results, args.output_dir / "paper.json")
+        (args.output_dir / "paper.md").write_text(report + "\n")
+        print(f"\nWrote {args.output_dir / 'paper.json'} and paper.md", file=sys.stderr)
+        if args.plots:
+            for path in write_plots(results, args.output_dir):
+                print(f"Wrote {path}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,10 +219,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--multinews", type=Path, default=SHARED_DATA / "multi_news" / "longbench_multi_news.jsonl",
         help="LongBench MultiNews JSONL with gold summaries; skipped when absent",
     )
-    bench.add_argument("--multinews-samples", type=int, default=5, help="MultiNews samples to score (default: 5)")
-    bench.add_argument("--multinews-max-tokens", type=int, default=4500, help="longest MultiNews context used, in tokens (default: 4500)")
-    bench.add_argument("--output-dir", type=Path, default=None, help="write results.json and summary.md here")
-    bench.add_argument("--quick", action="store_true", help="one size, two pairs, one run each: a smoke test, not a measurement")
+    bench.add_argument(
+        "--multinews-samples", type=int, default=None,
+        help="MultiNews samples to score (default: 5 in the core suite, 3 in the paper suites)",
+    )
+    bench.add_argument("--multinews-max-tokens", type=int, default=4500, help="longest MultiNews context used by the core suite, in tokens (default: 4500)")
+    bench.add_argument("--output-dir", type=Path, default=None, help="write results.json and summary.md (core), paper.json and paper.md (paper) here")
+    bench.add_argument("--quick", action="store_true", help="smallest sizes and one run each: a smoke test, not a measurement")
+    bench.add_argument(
+        "--suite", choices=("core", "paper", "all"), default="core",
+        help="core: reworded and exact-prefix pairs at --sizes; paper: TTFT curve, retention, MultiNews quality, "
+        "sensitivity, ablations and lookup cost; all: both (default: core)",
+    )
+    bench.add_argument(
+        "--only", default=None,
+        help="comma-separated paper suites to run: curve, retention, quality, sensitivity, ablations, lookup (default: all)",
+    )
+    bench.add_argument(
+        "--lengths", default=None,
+        help="target prompt lengths in tokens of the paper TTFT curve, comma-separated (default: 512,1024,2048,3072,4096,5120)",
+    )
+    bench.add_argument(
+        "--retention-ratio", type=float, default=None,
+        help="mean share of prompt K/V kept per layer when the paper suites apply retention (default: RetentionConfig's)",
+    )
+    bench.add_argument("--plots", action="store_true", help="also write PNG plots of the paper suites to --output-dir (needs matplotlib)")
     bench.set_defaults(func=run_bench_command)
 
     add_store_commands(commands)
