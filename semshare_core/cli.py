@@ -83,7 +83,7 @@ def run_demo_command(args) -> int:
         pairs = []
         for index in range(args.prompts):
             group = articles[index * args.articles : (index + 1) * args.articles]
-            pairs.append((" + ".join(a.name for a in group), [a.advanced for a in group], [a.intermediate for a in group]))
+            pairs.append((" + ".join(a.name for a in group), [a.intermediate for a in group], [a.advanced for a in group]))
     engine = _engine(args)
     rows = run_demo(engine, pairs, max_new_tokens=args.max_new_tokens)
     print()
