@@ -358,3 +358,44 @@ def test_cli_rejects_bad_paper_options(engine, monkeypatch):
     with pytest.raises(SystemExit, match="unknown suite"):
         cli.main(["bench", "--suite", "paper", "--only", "curve,speed"])
     assert cli.main(["bench", "--suite", "paper", "--retention-ratio", "1.5"]) == 2
+
+
+# ----------------------------------------------------------------------------- GPU script
+
+
+def _gpu_bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_tiny_smoke(tmp_path, capsys):
+    gpu_bench = _gpu_bench_module()
+    output = tmp_path / "gpu.json"
+    assert gpu_bench.main(["--tiny", "--runs", "1", "--lengths", "200", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    assert len(rows) == 1
+    assert rows[0]["fallback_reason"] is None
+    assert rows[0]["recomputed_share"] < 1.0
+    assert rows[0]["exact_prefix_tokens"] == 200  # the whole stored prompt
+    assert "full / SemShare" in capsys.readouterr().out
+
+
+def test_gpu_bench_synthetic_pair_shares_content():
+    gpu_bench = _gpu_bench_module()
+    reference, target = gpu_bench.synthetic_pair(1000, 5000, seed=3)
+    assert len(reference) == len(target) == 1000
+    assert reference[:24] != target[:24]
+    shared = len(set(reference) & set(target)) / len(set(target))
+    assert shared > 0.7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
+def test_gpu_bench_requires_cuda_without_tiny():
+    with pytest.raises(SystemExit):
+        _gpu_bench_module().main(["--runs", "1"])
