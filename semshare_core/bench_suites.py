@@ -374,8 +374,9 @@ def ttft_curve(
 
 def _curve_point(engine, scenario, length, target, namespace, settings: SuiteSettings, extra) -> CurvePoint:
     (full_logits, full_cache, _), full_s = _timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
-    _, prefix_s = _timed(lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2])
-    prefix_reused = prefix_cache_prefill(engine, target, namespace)[3]
+    (_, _, _, prefix_reused), prefix_s = _timed(
+        lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2]
+    )
     (outcome,), semshare_s = _timed(
         lambda: (engine.prefill(target, namespace, extra_capacity=extra),), settings.runs, lambda r: r[0].ttft_s
     )
@@ -418,8 +419,9 @@ def _exact_prefix_point(engine, pairs, length, settings: SuiteSettings, new_toke
     target = engine.apply_chat_template(follow_up)
     extra = new_tokens + 1
     (full_logits, full_cache, _), full_s = _timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
-    _, prefix_s = _timed(lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2])
-    prefix_reused = prefix_cache_prefill(engine, target, namespace)[3]
+    (_, _, _, prefix_reused), prefix_s = _timed(
+        lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2]
+    )
     (outcome,), semshare_s = _timed(
         lambda: (engine.prefill(target, namespace, extra_capacity=extra),), settings.runs, lambda r: r[0].ttft_s
     )
