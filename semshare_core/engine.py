@@ -39,7 +39,7 @@ MIN_EXACT_PREFIX = 32
 
 @dataclass
 class PrefillOutcome:
-    """What one prefill produced and how.
+    """The result of one prefill, with how it was computed.
 
     Attributes:
         logits: (vocab,) float32 next-token logits of the last prompt token.
@@ -181,7 +181,10 @@ class SemShareEngine:
         self.store.bind(loaded.fingerprint, encoding_key(self.reuse), gpu_device)
         self._lock = threading.RLock()
         eos = loaded.model.config.eos_token_id
-        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        if isinstance(eos, (list, tuple)):
+            self.eos_ids = set(eos)
+        else:
+            self.eos_ids = set() if eos is None else {eos}
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.disabled_reason: str | None = None
@@ -627,10 +630,10 @@ class SemShareEngine:
     def self_check(self, seq_len: int = 48) -> str | None:
         """Check reuse against the model's own forward pass before enabling it.
 
-        Two prefills must reproduce the logits of ``model(ids)``: one that borrows
-        every token of an edited prompt but recomputes them all, and one that borrows
-        the prompt's own exact K/V after a prefix and recomputes scattered rows,
-        which exercises the gather, the re-rotation and the scattered-row mask.
+        Two prefills must reproduce the logits of ``model(ids)``. The first borrows
+        every token of an edited prompt but recomputes them all. The second borrows
+        the prompt's own exact K/V after a prefix and recomputes scattered rows, so it
+        exercises the gather, the re-rotation and the scattered-row mask.
 
         Returns:
             None when both match, else the reason reuse must stay off.

@@ -96,7 +96,7 @@ class KVCache:
 
 @dataclass
 class BorrowPlan:
-    """What a partial prefill borrows from a reference and what it must recompute.
+    """The borrowed K/V of a partial prefill and the rows it must recompute.
 
     Positions ``[0, prefix_len)`` are an exact common prefix, served as they are. For
     the other ``n = seq_len - prefix_len`` tokens, ``k_pre`` and ``v`` hold the matched
@@ -233,9 +233,9 @@ class TransformerRunner:
         """Fill ``cache`` with the prompt ``ids`` (seq_len,) and return the last token's logits.
 
         Without a plan every token runs through every layer. With a plan the prefix is
-        copied, every other token runs through the first layer, and later layers
-        recompute a nested, shrinking set of tokens chosen by KV deviation; all other
-        rows keep the borrowed K/V.
+        copied and every other token runs through the first layer. Later layers
+        recompute a nested, shrinking set of tokens chosen by KV deviation, and all
+        other rows keep the borrowed K/V.
 
         With ``observe`` > 0, ``stats.observed_attention`` records per layer the
         attention that the last ``observe`` tokens pay to every position, summed over

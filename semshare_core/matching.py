@@ -163,7 +163,7 @@ def match_lsh(
     """Match tokens by random-hyperplane LSH over E-cache vectors.
 
     In each table the candidate is the reference token of the same code nearest the
-    same relative position; the candidate of highest cosine over all tables wins.
+    same relative position. The candidate of highest cosine over all tables wins.
     """
     seq_len, ref_len = target_codes.shape[0], ref_codes.shape[0]
     n = seq_len - prefix_len
