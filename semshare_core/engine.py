@@ -341,7 +341,12 @@ class SemShareEngine:
                 match_start = time.perf_counter()
                 match = self._match(ids_array, ecache, codes, candidate, reuse)
                 match_s = time.perf_counter() - match_start
-                plan, fuzzy = self._plan(match, candidate.entry, reuse, observe)
+                # A reference chosen below the threshold only for its exact prefix lends
+                # only that prefix, and so does one whose prefix leaves a short tail:
+                # recomputing that tail costs little and keeps the output exact.
+                tail = len(ids_array) - match.prefix_len
+                prefix_only = candidate.similarity < reuse.similarity_threshold or tail < reuse.min_prompt_tokens
+                plan, fuzzy = self._plan(match, candidate.entry, reuse, observe, prefix_only)
                 logits, stats = self._run_prefill(ids_tensor, cache, plan, observe)
                 entry = candidate.entry
                 outcome = PrefillOutcome(
@@ -441,7 +446,7 @@ class SemShareEngine:
         return match_lsh(ecache, codes, entry.ecache, entry.codes, prefix_len, reuse.min_match_similarity)
 
     def _plan(
-        self, match: MatchResult, entry: ReferenceEntry, reuse: ReuseConfig, observe: int = 0
+        self, match: MatchResult, entry: ReferenceEntry, reuse: ReuseConfig, observe: int = 0, prefix_only: bool = False
     ) -> tuple[BorrowPlan, bool]:
         """Build the borrow plan; the flag is True when more than the exact prefix is borrowed.
 
@@ -453,7 +458,7 @@ class SemShareEngine:
         forced = forced_rows(match, reuse.span_head_tokens, reuse.min_context_tokens)
         if observe:
             forced[-observe:] = True
-        fuzzy = entry.generation < reuse.max_reference_generation and not forced.all()
+        fuzzy = not prefix_only and entry.generation < reuse.max_reference_generation and not forced.all()
         device = self.runner.device
         prefix_k_pre = entry.k_pre[:, :, :prefix_len].to(device)
         prefix_v = entry.v[:, :, :prefix_len].to(device)
