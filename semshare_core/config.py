@@ -74,6 +74,9 @@ class ReuseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "rerotate_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_unit("similarity_threshold", self.similarity_threshold)
         _check_unit("min_match_similarity", self.min_match_similarity, low=-1.0)
         _check_unit("recompute_ratio", self.recompute_ratio)
@@ -198,6 +201,8 @@ class GenerationConfig:
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__} {stop!r}")
         stop = tuple(stop)
         for item in stop:
             if not isinstance(item, str) or not item:

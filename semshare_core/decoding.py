@@ -20,7 +20,8 @@ class Sampler:
         config = self.config
         if config.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits.float().cpu() / config.temperature
+        raw = logits.float().cpu()
+        logits = raw / config.temperature
         if config.top_k:
             k = min(config.top_k, logits.shape[-1])
             threshold = torch.topk(logits, k).values[-1]
@@ -32,6 +33,9 @@ class Sampler:
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= config.top_p
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        if not torch.isfinite(probs).all():
+            # A temperature so small that logits / temperature overflows: sampling is then greedy.
+            return int(torch.argmax(raw))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

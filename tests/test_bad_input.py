@@ -14,6 +14,7 @@ import torch
 
 from semshare_core import persist
 from semshare_core.config import GenerationConfig, ReuseConfig
+from semshare_core.decoding import Sampler
 from semshare_core.engine import SemShareEngine
 from semshare_core.model import LoadedModel
 from semshare_core.store import ReferenceStore
@@ -393,3 +394,18 @@ def test_reference_evicted_before_load(tmp_path):
     assert "evicted" in result.fallback_reason
     assert result.completion_tokens == SHORT.max_new_tokens or result.finish_reason == "stop"
     assert engine.generate(prompt, SHORT, store=False).text == result.text
+
+
+def test_stop_must_be_strings():
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+        GenerationConfig(stop=5)
+
+
+def test_reuse_flags_must_be_bool():
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        ReuseConfig(enabled="yes")
+
+
+def test_tiny_temperature_samples_greedily():
+    sampler = Sampler(GenerationConfig(temperature=1e-45, seed=1))
+    assert sampler(torch.tensor([1.0, 3.0, 2.0])) == 1
