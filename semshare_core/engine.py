@@ -361,6 +361,15 @@ class SemShareEngine:
                 )
                 self._apply_retention(outcome, stats, retention, keep_full_kv)
         self.store.record_use(candidate.entry if candidate is not None else None)
+        if outcome.fallback_reason is None:
+            logger.info(
+                "Prefill of %d tokens borrowed from reference %s (similarity %.2f, exact prefix %d): "
+                "%.1f%% recomputed, TTFT %.3fs",
+                seq_len, outcome.reference_id, outcome.similarity, outcome.prefix_tokens,
+                100 * outcome.recomputed_share, outcome.ttft_s,
+            )
+        else:
+            logger.info("Full prefill of %d tokens in %.3fs: %s", seq_len, outcome.ttft_s, outcome.fallback_reason)
         return outcome
 
     def _run_prefill(self, ids: torch.Tensor, cache: KVCache, plan: BorrowPlan | None, observe: int):
