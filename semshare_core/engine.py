@@ -18,7 +18,7 @@ from .config import GenerationConfig, RetentionConfig, ReuseConfig
 from .decoding import Sampler, TextAssembler
 from .ecache import EmbeddingHasher
 from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
-from .matching import MatchResult, match_context, match_cosine, match_lsh
+from .matching import MatchResult, match_context, match_cosine, match_lsh, ngram_overlap
 from .model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device, resolve_dtype
 from .retention import retain
 from .store import (
@@ -345,7 +345,11 @@ class SemShareEngine:
                 # only that prefix, and so does one whose prefix leaves a short tail:
                 # recomputing that tail costs little and keeps the output exact.
                 tail = len(ids_array) - match.prefix_len
-                prefix_only = candidate.similarity < reuse.similarity_threshold or tail < reuse.min_prompt_tokens
+                prefix_only = (
+                    candidate.similarity < reuse.similarity_threshold
+                    or candidate.overlap < reuse.min_ngram_overlap
+                    or tail < reuse.min_prompt_tokens
+                )
                 plan, fuzzy = self._plan(match, candidate.entry, reuse, observe, prefix_only)
                 logits, stats = self._run_prefill(ids_tensor, cache, plan, observe)
                 entry = candidate.entry
@@ -433,15 +437,25 @@ class SemShareEngine:
         candidates = self.store.find(namespace, ids, codes)
         if not candidates:
             return (f"no stored reference in namespace {namespace!r}", None), None
-        best = candidates[0]
-        if best.similarity >= reuse.similarity_threshold or best.prefix_len >= MIN_EXACT_PREFIX:
+        candidates = [dataclasses.replace(c, overlap=ngram_overlap(ids, c.entry.token_ids)) for c in candidates]
+        eligible = [
+            c for c in candidates
+            if c.similarity >= reuse.similarity_threshold and c.overlap >= reuse.min_ngram_overlap
+        ]
+        if eligible:
+            best = max(eligible, key=lambda c: c.overlap + c.prefix_len / seq_len)
+        else:
+            best = max(candidates, key=lambda c: c.prefix_len)
+        if best in eligible or best.prefix_len >= MIN_EXACT_PREFIX:
             # The loaded entry keeps its K/V even if the store evicts it during this request.
             entry = self.store.load(best.entry)
             if entry is None:
                 return (f"reference {best.entry.id} was evicted or unreadable before its K/V loaded", best.similarity), None
             return None, dataclasses.replace(best, entry=entry)
+        best = max(candidates, key=lambda c: c.similarity)
         return (
-            f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}",
+            f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}"
+            f" or its 4-token overlap {best.overlap:.2f} is below min_ngram_overlap={reuse.min_ngram_overlap}",
             best.similarity,
         ), None
 

@@ -62,6 +62,14 @@ def ngram_hashes(ids: np.ndarray, length: int) -> np.ndarray:
     return hashes
 
 
+def ngram_overlap(target: np.ndarray, reference: np.ndarray, length: int = 4) -> float:
+    """Return the share of the target's ``length``-token sequences that occur in the reference."""
+    target_hashes = ngram_hashes(target, length)[length - 1 :]
+    if target_hashes.size == 0:
+        return 0.0
+    return float(np.isin(target_hashes, ngram_hashes(reference, length)[length - 1 :]).mean())
+
+
 def _lookup_nearest(
     ref_hashes: np.ndarray, target_hashes: np.ndarray, expected: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

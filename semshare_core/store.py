@@ -113,6 +113,7 @@ class Candidate:
     entry: ReferenceEntry
     similarity: float
     prefix_len: int
+    overlap: float = 1.0  # share of the target's 4-token sequences found in the entry
 
 
 @dataclass

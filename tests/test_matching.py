@@ -157,7 +157,8 @@ def test_common_prefix_len_cases():
 @pytest.mark.parametrize("matcher", MATCHERS)
 def test_engine_uses_selected_matcher(matcher):
     reuse = ReuseConfig(
-        min_prompt_tokens=16, similarity_threshold=0.0, matcher=matcher, min_match_similarity=FUZZY_MIN_SIMILARITY
+        min_prompt_tokens=16, similarity_threshold=0.0, min_ngram_overlap=0.0, matcher=matcher,
+        min_match_similarity=FUZZY_MIN_SIMILARITY,
     )
     engine = tiny_engine("llama", reuse=reuse)
     target, reference = _planted_span()
