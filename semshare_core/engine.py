@@ -445,7 +445,8 @@ class SemShareEngine:
         if eligible:
             best = max(eligible, key=lambda c: c.overlap + c.prefix_len / seq_len)
         else:
-            best = max(candidates, key=lambda c: c.prefix_len)
+            # The new cache inherits the lender's generation, so among equal prefixes the oldest lends.
+            best = max(candidates, key=lambda c: (c.prefix_len, -c.entry.generation))
         if best in eligible or best.prefix_len >= MIN_EXACT_PREFIX:
             # The loaded entry keeps its K/V even if the store evicts it during this request.
             entry = self.store.load(best.entry)
