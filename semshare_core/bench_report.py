@@ -39,7 +39,7 @@ def curve_table(results: PaperResults) -> str:
             f"| {p.scenario} | {p.prompt_tokens} | {p.prefix_speedup:.2f}x | {p.semshare_speedup:.2f}x "
             f"| {_number(p.retention_speedup)}{'x' if p.retention_speedup else ''} | {p.prefix_reused} "
             f"| {p.recomputed_share:.1%} | {_number(p.similarity)} | {_number(p.agreement, '.3f')} "
-            f"| {_number(p.mean_kl, '.3f')} | {_number(p.retention_agreement, '.3f')} "
+            f"| {_kl(p.mean_kl)} | {_number(p.retention_agreement, '.3f')} "
             f"| {_number(kv_kept, '.1%')} | {identical} |"
         )
     fallbacks = [p for p in results.curve if p.fallback_reason]
@@ -49,19 +49,35 @@ def curve_table(results: PaperResults) -> str:
 
 
 def retention_table(results: PaperResults) -> str:
-    """Render the retention sweep: K/V kept against fidelity and perplexity."""
+    """Render the retention sweep: K/V kept against fidelity and perplexity, averaged over the prompts."""
     lines = [
-        "| task | prompt tokens | ratio | depth decay | KV kept | agreement | KL | perplexity | full-cache perplexity | perplexity change |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | prompts | prompt tokens | ratio | depth decay | KV kept | agreement mean | worst | KL mean "
+        "| perplexity change mean | worst |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in results.retention:
-        change = p.perplexity / p.full_perplexity - 1 if p.perplexity is not None and p.full_perplexity else None
+    for (task, ratio, depth_decay), rows in _retention_groups(results).items():
+        changes = [p.perplexity / p.full_perplexity - 1 for p in rows if p.perplexity is not None and p.full_perplexity]
+        agreements = [p.agreement for p in rows if p.agreement is not None]
         lines.append(
-            f"| {p.task} | {p.prompt_tokens} | {p.ratio:.2f} | {p.depth_decay:.2f} | {p.kv_share:.1%} "
-            f"| {_number(p.agreement, '.3f')} | {_number(p.mean_kl, '.3f')} | {_number(p.perplexity)} "
-            f"| {_number(p.full_perplexity)} | {_number(change, '+.1%')} |"
+            f"| {task} | {len(rows)} | {statistics.median(p.prompt_tokens for p in rows):.0f} | {ratio:.2f} "
+            f"| {depth_decay:.2f} | {statistics.mean(p.kv_share for p in rows):.1%} "
+            f"| {_number(_mean(agreements), '.3f')} | {_number(min(agreements) if agreements else None, '.3f')} "
+            f"| {_kl(_mean(p.mean_kl for p in rows))} | {_number(_mean(changes), '+.1%')} "
+            f"| {_number(max(changes) if changes else None, '+.1%')} |"
         )
     return "\n".join(lines)
+
+
+def _retention_groups(results: PaperResults) -> dict[tuple[str, float, float], list]:
+    groups: dict[tuple[str, float, float], list] = {}
+    for point in results.retention:
+        groups.setdefault((point.task, point.ratio, point.depth_decay), []).append(point)
+    return groups
+
+
+def _kl(value: float | None) -> str:
+    # Rounding can make a KL divergence of identical distributions come out as -1e-7.
+    return _number(None if value is None else max(value, 0.0), ".3f")
 
 
 def quality_table(results: PaperResults) -> str:
@@ -77,7 +93,7 @@ def quality_table(results: PaperResults) -> str:
         lines.append(
             f"| {p.sample} | {p.passages} | {p.prompt_tokens} | {p.speedup:.2f}x | {p.recomputed_share:.1%} "
             f"| {p.rouge_full:.3f} | {p.rouge_semshare:.3f} | {p.rouge_retention:.3f} | {p.agreement:.3f} "
-            f"| {p.mean_kl:.3f} | {p.retention_agreement:.3f} | {p.retention_kl:.3f} | {p.kv_share:.1%} |"
+            f"| {_kl(p.mean_kl)} | {p.retention_agreement:.3f} | {_kl(p.retention_kl)} | {p.kv_share:.1%} |"
         )
     full = statistics.mean(p.rouge_full for p in results.quality)
     shared = statistics.mean(p.rouge_semshare for p in results.quality)
@@ -103,7 +119,7 @@ def sensitivity_table(results: PaperResults) -> str:
     for p in results.sensitivity:
         lines.append(
             f"| {p.mode} | {p.share:.0%} | {p.prompt_tokens} | {_number(p.similarity)} | {p.reused_share:.1%} "
-            f"| {p.recomputed_share:.1%} | {p.speedup:.2f}x | {p.agreement:.3f} | {p.mean_kl:.3f} "
+            f"| {p.recomputed_share:.1%} | {p.speedup:.2f}x | {p.agreement:.3f} | {_kl(p.mean_kl)} "
             f"| {p.fallback_reason or ''} |"
         )
     return "\n".join(lines)
@@ -121,7 +137,7 @@ def ablation_table(results: PaperResults) -> str:
         lines.append(
             f"| {variant} | {len(rows)} | {statistics.median(r.speedup for r in rows):.2f}x "
             f"| {statistics.mean(r.recomputed_share for r in rows):.1%} | {statistics.mean(r.agreement for r in rows):.3f} "
-            f"| {min(r.agreement for r in rows):.3f} | {statistics.mean(r.mean_kl for r in rows):.3f} "
+            f"| {min(r.agreement for r in rows):.3f} | {_kl(statistics.mean(r.mean_kl for r in rows))} "
             f"| {sum(r.fallback_reason is not None for r in rows)} |"
         )
     return "\n".join(lines)
@@ -150,7 +166,7 @@ def render_markdown(results: PaperResults) -> str:
     sections = [
         ("TTFT against prompt length", results.curve, curve_table),
         ("Retention: K/V kept against quality", results.retention, retention_table),
-        ("Gold-summary quality (MultiNews)", True, quality_table),
+        ("Gold-summary quality (MultiNews)", "quality" in results.suites, quality_table),
         ("Sensitivity to new content", results.sensitivity, sensitivity_table),
         ("Ablations", results.ablations, ablation_table),
         ("Lookup and matching against stored references", results.lookup, lookup_table),
@@ -216,14 +232,19 @@ def write_plots(results: PaperResults, folder: Path) -> list[Path]:
 
     if results.retention:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for depth_decay in sorted({p.depth_decay for p in results.retention}):
+        groups = _retention_groups(results)
+        for depth_decay in sorted({key[2] for key in groups}):
             label = "constant" if depth_decay == 1.0 else f"decaying (deepest/first {depth_decay:g})"
-            summary = sorted((p for p in results.retention if p.task == "summary" and p.depth_decay == depth_decay), key=lambda p: p.kv_share)
-            text = sorted((p for p in results.retention if p.task == "continuation" and p.depth_decay == depth_decay), key=lambda p: p.kv_share)
-            left.plot([p.kv_share for p in summary], [p.agreement for p in summary], "o-", label=label)
-            right.plot([p.kv_share for p in text], [p.perplexity / p.full_perplexity for p in text], "o-", label=label)
-        left.set(xlabel="share of K/V bytes kept", ylabel="teacher-forced agreement", title="Retention: fidelity")
-        right.set(xlabel="share of K/V bytes kept", ylabel="perplexity / full-cache perplexity", title="Retention: perplexity")
+            for task, axis in (("summary", left), ("continuation", right)):
+                keys = sorted((key for key in groups if key[0] == task and key[2] == depth_decay), key=lambda key: key[1])
+                kept = [statistics.mean(p.kv_share for p in groups[key]) for key in keys]
+                if task == "summary":
+                    values = [_mean(p.agreement for p in groups[key]) for key in keys]
+                else:
+                    values = [_mean(p.perplexity / p.full_perplexity for p in groups[key]) for key in keys]
+                axis.plot(kept, values, "o-", label=label)
+        left.set(xlabel="share of K/V bytes kept", ylabel="teacher-forced agreement (mean)", title="Retention: fidelity")
+        right.set(xlabel="share of K/V bytes kept", ylabel="perplexity / full-cache perplexity (mean)", title="Retention: perplexity")
         left.legend()
         right.legend()
         save(figure, "retention_curve.png")

@@ -312,6 +312,7 @@ class SuiteSettings:
     retention_ratios: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2])
     constant_ratios: list[float] = field(default_factory=lambda: [0.6, 0.4])
     retention_tokens: int = 2048
+    retention_prompts: int = 3
     continuation_tokens: int = 96
     multinews_samples: int = 3
     multinews_max_tokens: int = 3500
@@ -334,6 +335,7 @@ class SuiteSettings:
             retention_ratios=[1.0, 0.5],
             constant_ratios=[0.5],
             retention_tokens=400,
+            retention_prompts=1,
             continuation_tokens=8,
             multinews_samples=1,
             multinews_max_tokens=1500,
@@ -460,6 +462,7 @@ class RetentionPoint:
         agreement, mean_kl: Summary task only.
         perplexity, full_perplexity: Continuation task only: with this setting and
             with the full cache.
+        prompt: Which of the sweep's prompts of this task.
     """
 
     task: str
@@ -471,44 +474,57 @@ class RetentionPoint:
     mean_kl: float | None = None
     perplexity: float | None = None
     full_perplexity: float | None = None
+    prompt: int = 0
 
 
 def retention_sweep(
     engine: SemShareEngine, pairs: Sequence[ArticlePair], settings: SuiteSettings, progress: Progress = _no_progress
 ) -> list[RetentionPoint]:
-    """Measure quality against the retention ratio, for the decaying schedule and a constant one."""
+    """Measure quality against the retention ratio, for the decaying schedule and a constant one.
+
+    Each of ``settings.retention_prompts`` rounds takes other articles for a
+    summarization prompt and for a stretch of text whose real continuation is scored.
+    """
     base = settings.retention
     configs = [dataclasses.replace(base, enabled=True, ratio=r) for r in settings.retention_ratios]
     configs += [dataclasses.replace(base, enabled=True, ratio=r, depth_decay=1.0) for r in settings.constant_ratios]
-    offset = 40 + settings.seed
-    _, targets = article_prompts(engine, pairs, settings.retention_tokens, offset=offset)
-    text = "\n\n".join(pair.advanced for pair in [pairs[(offset + 20 + i) % len(pairs)] for i in range(12)])
-    text_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    prompt_len = min(settings.retention_tokens, len(text_ids) - settings.continuation_tokens)
-    continuation = text_ids[prompt_len : prompt_len + settings.continuation_tokens]
-    tasks = (("summary", _summary_ids(engine, targets)), ("continuation", text_ids[:prompt_len]))
     points = []
-    for task, ids in tasks:
-        progress(f"retention, {task}, {len(ids)} tokens")
-        extra = max(settings.fidelity_tokens, settings.continuation_tokens) + 1
-        cache = engine.runner.new_cache(len(ids) + extra)
-        with engine._lock:
-            logits, stats = engine.runner.prefill(torch.tensor(ids), cache, observe=base.window)
-        full_bytes = cache.kv_bytes
+    for prompt in range(settings.retention_prompts):
+        offset = 40 + 13 * prompt + settings.seed
+        _, targets = article_prompts(engine, pairs, settings.retention_tokens, offset=offset)
+        text = "\n\n".join(pair.advanced for pair in [pairs[(offset + 6 + i) % len(pairs)] for i in range(12)])
+        text_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        prompt_len = min(settings.retention_tokens, len(text_ids) - settings.continuation_tokens)
+        continuation = text_ids[prompt_len : prompt_len + settings.continuation_tokens]
+        tasks = (("summary", _summary_ids(engine, targets)), ("continuation", text_ids[:prompt_len]))
+        for task, ids in tasks:
+            progress(f"retention, {task} {prompt + 1} of {settings.retention_prompts}, {len(ids)} tokens")
+            points += _retention_points(engine, task, prompt, ids, continuation, configs, settings)
+    return points
+
+
+def _retention_points(engine, task, prompt, ids, continuation, configs, settings: SuiteSettings) -> list[RetentionPoint]:
+    """Prefill ``ids`` once, then compact a copy of its cache with each config and score it."""
+    extra = max(settings.fidelity_tokens, settings.continuation_tokens) + 1
+    cache = engine.runner.new_cache(len(ids) + extra)
+    with engine._lock:
+        logits, stats = engine.runner.prefill(torch.tensor(ids), cache, observe=settings.retention.window)
+    full_bytes = cache.kv_bytes
+    if task == "summary":
+        reference = greedy_continuation(engine, logits, clone_cache(cache), settings.fidelity_tokens)
+    else:
+        full_ppl = perplexity(engine, logits, clone_cache(cache), continuation)
+    points = []
+    for config in configs:
+        compacted = retain(cache, stats.observed_attention, config)
+        point = RetentionPoint(task, config.ratio, config.depth_decay, len(ids), compacted.kv_bytes / full_bytes, prompt=prompt)
         if task == "summary":
-            reference = greedy_continuation(engine, logits, clone_cache(cache), settings.fidelity_tokens)
+            fidelity = _fidelity(engine, reference, logits, compacted)
+            point.agreement, point.mean_kl = fidelity.agreement, fidelity.mean_kl
         else:
-            full_ppl = perplexity(engine, logits, clone_cache(cache), continuation)
-        for config in configs:
-            compacted = retain(cache, stats.observed_attention, config)
-            point = RetentionPoint(task, config.ratio, config.depth_decay, len(ids), compacted.kv_bytes / full_bytes)
-            if task == "summary":
-                fidelity = _fidelity(engine, reference, logits, compacted)
-                point.agreement, point.mean_kl = fidelity.agreement, fidelity.mean_kl
-            else:
-                point.perplexity = perplexity(engine, logits, compacted, continuation)
-                point.full_perplexity = full_ppl
-            points.append(point)
+            point.perplexity = perplexity(engine, logits, compacted, continuation)
+            point.full_perplexity = full_ppl
+        points.append(point)
     return points
 
 
@@ -879,13 +895,14 @@ class PaperResults:
     ablations: list[AblationPoint] = field(default_factory=list)
     lookup: list[LookupPoint] = field(default_factory=list)
     settings: SuiteSettings | None = None
+    suites: list[str] = field(default_factory=list)  # the suites that ran
 
 
 def step_count(settings: SuiteSettings, suites: Sequence[str], multinews_samples: int) -> int:
     """Return the number of progress steps ``run_paper_suites`` reports."""
     counts = {
         "curve": len(settings.lengths) + len(settings.exact_prefix_lengths),
-        "retention": 2,
+        "retention": 2 * settings.retention_prompts,
         "quality": multinews_samples,
         "sensitivity": 2 * len(settings.sensitivity_shares),
         "ablations": settings.ablation_pairs,
@@ -910,7 +927,7 @@ def run_paper_suites(
     unknown = [name for name in suites if name not in SUITES]
     if unknown:
         raise ValueError(f"unknown suites {unknown}; choose from {SUITES}")
-    results = PaperResults(settings=settings)
+    results = PaperResults(settings=settings, suites=list(suites))
     if "curve" in suites:
         results.curve = ttft_curve(engine, pairs, settings, progress)
     if "retention" in suites:

@@ -137,11 +137,12 @@ class RetentionConfig:
     """
 
     enabled: bool = False
-    # Chosen on SmolLM2-135M summarization prompts of 2k tokens: keeping 60% of the K/V
-    # changed perplexity by at most 2.3% and held teacher-forced agreement at 0.95 or more.
+    # Chosen on six 2k-token summarization prompts of SmolLM2-135M: keeping 60% of the K/V
+    # gave teacher-forced agreement 0.969 (worst 0.922) and KL 0.03 with a 128-token window,
+    # against 0.906 and KL 0.22 with a 32-token one; a steeper decay (0.5) or none did no better.
     ratio: float = 0.6
-    depth_decay: float = 0.5
-    window: int = 32
+    depth_decay: float = 0.7
+    window: int = 128
     sink_tokens: int = 4
     pool_kernel: int = 7
 

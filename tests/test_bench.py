@@ -72,6 +72,7 @@ def tiny_settings() -> SuiteSettings:
         retention_ratios=[1.0, 0.5],
         constant_ratios=[0.5],
         retention_tokens=150,
+        retention_prompts=1,
         continuation_tokens=8,
         multinews_samples=1,
         summary_tokens=6,
