@@ -16,9 +16,9 @@ import torch
 
 from .config import GenerationConfig, RetentionConfig, ReuseConfig
 from .decoding import Sampler, TextAssembler
-from .ecache import EmbeddingHasher
+from .ecache import EmbeddingHasher, lsh_similarity
 from .forward import BorrowPlan, KVCache, PrefillStats, TransformerRunner
-from .matching import MatchResult, match_context, match_cosine, match_lsh, ngram_overlap
+from .matching import MatchResult, common_prefix_len, match_context, match_cosine, match_lsh, ngram_overlap
 from .model import DEFAULT_MODEL, LoadedModel, load_model, resolve_device, resolve_dtype
 from .retention import retain
 from .store import (
@@ -357,7 +357,7 @@ class SemShareEngine:
                     logits, cache, time.perf_counter() - start,
                     similarity=candidate.similarity,
                     reference_id=entry.id,
-                    reused_tokens=match.prefix_len + (seq_len - match.prefix_len) - _last_layer_new_rows(stats, match.prefix_len),
+                    reused_tokens=seq_len - stats.rows_per_layer[-1],  # rows the last layer did not recompute
                     prefix_tokens=match.prefix_len,
                     recomputed_share=stats.recomputed_share,
                     generation=entry.generation + 1 if fuzzy else entry.generation,
@@ -424,9 +424,6 @@ class SemShareEngine:
         if seq_len < reuse.min_prompt_tokens:
             return (f"prompt of {seq_len} tokens is below min_prompt_tokens={reuse.min_prompt_tokens}", None), None
         if reference is not None:
-            from .ecache import lsh_similarity
-            from .matching import common_prefix_len
-
             if not reference.is_loaded:
                 loaded = self.store.load(reference)
                 if loaded is None:
@@ -729,6 +726,3 @@ def forced_rows(match: MatchResult, span_head_tokens: int, min_context_tokens: i
             forced[rows] |= matched[rows]
     return forced
 
-
-def _last_layer_new_rows(stats: PrefillStats, prefix_len: int) -> int:
-    return stats.rows_per_layer[-1] if stats.rows_per_layer else 0
