@@ -435,21 +435,30 @@ class SemShareEngine:
         if not candidates:
             return (f"no stored reference in namespace {namespace!r}", None), None
         candidates = [dataclasses.replace(c, overlap=ngram_overlap(ids, c.entry.token_ids)) for c in candidates]
-        eligible = [
-            c for c in candidates
-            if c.similarity >= reuse.similarity_threshold and c.overlap >= reuse.min_ngram_overlap
-        ]
-        if eligible:
-            best = max(eligible, key=lambda c: c.overlap + c.prefix_len / seq_len)
-        else:
-            # The new cache inherits the lender's generation, so among equal prefixes the oldest lends.
-            best = max(candidates, key=lambda c: (c.prefix_len, -c.entry.generation))
-        if best in eligible or best.prefix_len >= MIN_EXACT_PREFIX:
+        eligible, prefix_lenders = [], []
+        for c in candidates:
+            if c.similarity >= reuse.similarity_threshold and c.overlap >= reuse.min_ngram_overlap:
+                eligible.append(c)
+            elif c.prefix_len >= MIN_EXACT_PREFIX:
+                prefix_lenders.append(c)
+        eligible.sort(key=lambda c: c.overlap + c.prefix_len / seq_len, reverse=True)
+        # A reference below the threshold lends only its exact prefix, and the new cache
+        # inherits the lender's generation, so among equal prefixes the oldest lends.
+        prefix_lenders.sort(key=lambda c: (c.prefix_len, -c.entry.generation), reverse=True)
+        # An entry evicted or unreadable before its K/V loads gives way to the next choice.
+        unavailable = []
+        for choice in eligible + prefix_lenders:
             # The loaded entry keeps its K/V even if the store evicts it during this request.
-            entry = self.store.load(best.entry)
-            if entry is None:
-                return (f"reference {best.entry.id} was evicted or unreadable before its K/V loaded", best.similarity), None
-            return None, dataclasses.replace(best, entry=entry)
+            entry = self.store.load(choice.entry)
+            if entry is not None:
+                return None, dataclasses.replace(choice, entry=entry)
+            unavailable.append(choice)
+        if unavailable:
+            ids_text = ", ".join(c.entry.id for c in unavailable)
+            return (
+                f"references {ids_text} were evicted or unreadable before their K/V loaded",
+                max(c.similarity for c in unavailable),
+            ), None
         best = max(candidates, key=lambda c: c.similarity)
         return (
             f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}"

@@ -190,6 +190,27 @@ def test_store_rejects_entry_over_budget():
     assert second.fallback_reason == "no stored reference in namespace 'default'"
 
 
+def test_unreadable_reference_gives_way_to_the_next(tmp_path, caplog):
+    writer = _engine_with_store(ReferenceStore(directory=tmp_path))
+    no_reuse = dataclasses.replace(REUSE, enabled=False)
+    damaged_id = writer.generate(DOCUMENT, NO_NEW_TOKENS, reuse=no_reuse).stored_reference_id
+    intact_id = writer.generate(REORDERED, NO_NEW_TOKENS, reuse=no_reuse).stored_reference_id
+    writer.store.close()
+    path = tmp_path / f"{damaged_id}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    engine = SemShareEngine(writer.loaded, REUSE, store=ReferenceStore(directory=tmp_path), self_check=False)
+
+    with caplog.at_level("WARNING", logger="semshare_core.store"):
+        outcome = engine.prefill(DOCUMENT + _unrelated(4, 3))
+
+    assert outcome.fallback_reason is None
+    assert outcome.reference_id == intact_id
+    assert damaged_id not in engine.store
+    assert any(damaged_id in record.getMessage() for record in caplog.records)
+
+
 def test_namespaces_isolate_references():
     engine = tiny_engine("llama", reuse=REUSE)
     stored = engine.generate(DOCUMENT, NO_NEW_TOKENS, namespace="tenant-a").stored_reference_id
