@@ -595,8 +595,11 @@ class ReferenceStore:
             self._require_open()
             if size > self.max_bytes:
                 self._stats.rejected += 1
-                logger.warning(
-                    "Reference of %d tokens (%d bytes) exceeds the store budget of %d bytes; not stored",
+                # Every later prompt of this size is rejected too: say it once, then quietly.
+                log = logger.debug if self._stats.rejected > 1 else logger.warning
+                log(
+                    "Reference of %d tokens (%d bytes) exceeds the store budget of %d bytes; not stored. "
+                    "Raise max_bytes to keep references of this size",
                     len(entry), size, self.max_bytes,
                 )
                 return False

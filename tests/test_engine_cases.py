@@ -177,16 +177,19 @@ def test_store_evicts_least_recently_used():
     assert store.nbytes <= store.max_bytes
 
 
-def test_store_rejects_entry_over_budget():
+def test_store_rejects_entry_over_budget(caplog):
     store = ReferenceStore(max_bytes=1024)
     engine = _engine_with_store(store)
 
-    first = engine.generate(DOCUMENT, NO_NEW_TOKENS)
-    second = engine.generate(DOCUMENT, NO_NEW_TOKENS)
+    with caplog.at_level("DEBUG", logger="semshare_core.store"):
+        first = engine.generate(DOCUMENT, NO_NEW_TOKENS)
+        second = engine.generate(DOCUMENT, NO_NEW_TOKENS)
 
     assert first.stored_reference_id is None
     assert len(store) == 0
     assert store.stats().rejected == 2
+    levels = [r.levelname for r in caplog.records if "exceeds the store budget" in r.getMessage()]
+    assert levels == ["WARNING", "DEBUG"]
     assert second.fallback_reason == "no stored reference in namespace 'default'"
 
 
