@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -279,8 +279,26 @@ class SemShareEngine:
             )
         return ids
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Render chat ``messages`` with the tokenizer's template and return the token ids."""
+    def apply_chat_template(self, messages: Sequence[Mapping], tools: list[dict] | None = None) -> list[int]:
+        """Render chat ``messages`` with the tokenizer's template and return the token ids.
+
+        Raises:
+            ValueError: No messages, or a message without a ``role`` string or without
+                ``content`` (an assistant message may carry ``tool_calls`` instead).
+            TypeError: ``messages`` is not a list of dicts.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        if not messages:
+            raise ValueError("messages is empty; pass at least one message")
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping):
+                raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            role = message.get("role")
+            if not isinstance(role, str) or not role:
+                raise ValueError(f"messages[{i}] has no 'role' string (got {role!r}); use 'system', 'user' or 'assistant'")
+            if message.get("content") is None and not message.get("tool_calls"):
+                raise ValueError(f"messages[{i}] ({role}) has no 'content'; pass its text, or '' for an empty turn")
         kwargs = {"tools": tools} if tools else {}
         rendered = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs

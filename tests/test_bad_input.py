@@ -396,6 +396,28 @@ def test_reference_evicted_before_load(tmp_path):
     assert engine.generate(prompt, SHORT, store=False).text == result.text
 
 
+@pytest.mark.parametrize(
+    "messages, error, match",
+    [
+        ([], ValueError, "messages is empty"),
+        ("hello", TypeError, "messages must be a list of dicts"),
+        (["hello"], TypeError, r"messages\[0\] must be a dict"),
+        ([{"content": "hello"}], ValueError, r"messages\[0\] has no 'role'"),
+        ([{"role": "user", "content": "hi"}, {"role": "user"}], ValueError, r"messages\[1\] \(user\) has no 'content'"),
+    ],
+    ids=["empty", "string", "not-a-dict", "no-role", "no-content"],
+)
+def test_invalid_chat_messages(engine, messages, error, match):
+    with pytest.raises(error, match=match):
+        engine.apply_chat_template(messages)
+
+
+def test_assistant_tool_call_without_content_accepted(engine):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    messages = [{"role": "user", "content": "add"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert engine.apply_chat_template(messages)
+
+
 def test_stop_must_be_strings():
     with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
         GenerationConfig(stop=5)
