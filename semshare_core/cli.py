@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -34,6 +35,39 @@ def read_text_file(path: str | os.PathLike) -> str:
             f"input file {str(path)!r} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
             f"({e.reason}); convert it to UTF-8, for example with iconv"
         ) from e
+
+
+def _positive_ints(text: str) -> list[int]:
+    """Parse a comma-separated list of positive integers such as ``1,2,4``."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4, got {text!r}")
+    return values
+
+
+def _share(text: str) -> float:
+    """Parse a share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _suite_names(text: str) -> list[str]:
+    """Parse a comma-separated list of paper suite names."""
+    from .bench_suites import SUITES
+
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(SUITES)}")
+    return names
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +149,7 @@ def run_bench_command(args) -> int:
 def _run_core_bench(args, engine, articles: list[ArticlePair], articles_dir) -> None:
     from .bench import load_multinews, run_benchmark, summarize, write_results
 
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     samples = args.multinews_samples if args.multinews_samples is not None else 5
     pairs_per_size, exact, runs = args.pairs, args.exact_prefix, args.runs
     if args.quick:
@@ -142,17 +176,14 @@ def _run_paper_bench(args, engine, articles: list[ArticlePair]) -> None:
 
     settings = SuiteSettings.quick() if args.quick else SuiteSettings()
     if args.lengths and not args.quick:
-        settings.lengths = [int(n) for n in args.lengths.split(",")]
+        settings.lengths = args.lengths
     if not args.quick:
         settings.runs = args.runs
     if args.retention_ratio is not None:
         settings.retention = dataclasses.replace(settings.retention, ratio=args.retention_ratio)
     if args.multinews_samples is not None:
         settings.multinews_samples = min(args.multinews_samples, 1) if args.quick else args.multinews_samples
-    suites = [s for s in args.only.split(",") if s] if args.only else list(SUITES)
-    unknown = [s for s in suites if s not in SUITES]
-    if unknown:
-        raise SystemExit(f"error: unknown suite(s) {', '.join(unknown)} in --only; choose from {', '.join(SUITES)}")
+    suites = args.only or list(SUITES)
     multinews = []
     if "quality" in suites and settings.multinews_samples:
         multinews = load_multinews(args.multinews, engine, settings.multinews_max_tokens, settings.multinews_samples)
@@ -210,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exact-prefix chat turns and, where the MultiNews file exists, against gold summaries.",
     )
     _add_model_options(bench)
-    bench.add_argument("--sizes", default="1,2,4", help="articles per prompt, comma-separated (default: 1,2,4, about 1k, 2k and 4k tokens)")
+    bench.add_argument("--sizes", type=_positive_ints, default=[1, 2, 4], help="articles per prompt, comma-separated (default: 1,2,4, about 1k, 2k and 4k tokens)")
     bench.add_argument("--pairs", type=int, default=10, help="reworded pairs per size (default: 10)")
     bench.add_argument("--exact-prefix", type=int, default=3, help="exact-prefix chat turns per size (default: 3)")
     bench.add_argument("--runs", type=int, default=3, help="timed runs per prompt after one warm-up; the median counts (default: 3)")
@@ -232,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity, ablations and lookup cost; all: both (default: core)",
     )
     bench.add_argument(
-        "--only", default=None,
+        "--only", type=_suite_names, default=None,
         help="comma-separated paper suites to run: curve, retention, quality, sensitivity, ablations, lookup (default: all)",
     )
     bench.add_argument(
-        "--lengths", default=None,
+        "--lengths", type=_positive_ints, default=None,
         help="target prompt lengths in tokens of the paper TTFT curve, comma-separated (default: 512,1024,2048,3072,4096,5120)",
     )
     bench.add_argument(
-        "--retention-ratio", type=float, default=None,
+        "--retention-ratio", type=_share, default=None,
         help="mean share of prompt K/V kept per layer when the paper suites apply retention (default: RetentionConfig's)",
     )
     bench.add_argument("--plots", action="store_true", help="also write PNG plots of the paper suites to --output-dir (needs matplotlib)")
@@ -254,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("prompts", "articles", "pairs", "runs", "max_new_tokens"):
+    # Checked before the model loads, so that a typo costs no loading time.
+    minimums = {"prompts": 1, "articles": 1, "pairs": 1, "runs": 1, "max_new_tokens": 1,
+                "multinews_max_tokens": 1, "exact_prefix": 0, "multinews_samples": 0}
+    for name, minimum in minimums.items():
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None and value < minimum:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least {minimum}, got {value}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

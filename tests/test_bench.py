@@ -352,13 +352,28 @@ def test_cli_paper_suite_writes_report(engine, tmp_path, monkeypatch, capsys):
     assert (out / "ttft_curve.png").is_file()
 
 
-def test_cli_rejects_bad_paper_options(engine, monkeypatch):
-    monkeypatch.setattr(cli, "_engine", lambda args: engine)
-    with pytest.raises(SystemExit, match="--output-dir"):
-        cli.main(["bench", "--suite", "paper", "--plots"])
-    with pytest.raises(SystemExit, match="unknown suite"):
-        cli.main(["bench", "--suite", "paper", "--only", "curve,speed"])
-    assert cli.main(["bench", "--suite", "paper", "--retention-ratio", "1.5"]) == 2
+def _refuse_to_load(args):
+    raise AssertionError("the model loaded before the options were checked")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--suite", "paper", "--plots"], "--plots needs --output-dir"),
+        (["--suite", "paper", "--only", "curve,speed"], "unknown suite(s) speed"),
+        (["--suite", "paper", "--retention-ratio", "1.5"], "expected a number in (0, 1], got '1.5'"),
+        (["--sizes", "1,two"], "expected comma-separated positive integers such as 1,2,4, got '1,two'"),
+        (["--lengths", "0"], "got '0'"),
+        (["--exact-prefix", "-1"], "--exact-prefix must be at least 0, got -1"),
+        (["--pairs", "0"], "--pairs must be at least 1, got 0"),
+    ],
+    ids=["plots-without-dir", "unknown-suite", "ratio", "sizes", "lengths", "exact-prefix", "pairs"],
+)
+def test_cli_rejects_bad_options_before_loading(options, message, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_engine", _refuse_to_load)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["bench", *options])
+    assert message in str(raised.value) + capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- GPU script
