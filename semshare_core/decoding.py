@@ -43,7 +43,11 @@ class TextAssembler:
     """Turns generated ids into text pieces, holding back what may still change.
 
     A piece is released only once it cannot be part of a stop string or of an
-    incomplete UTF-8 character.
+    incomplete UTF-8 character. Each token decodes only a short window of ids,
+    which starts at the last token whose text was final, so a long completion
+    costs linear time. The window's own prefix is decoded too and cut off, so that
+    tokenizers which render a token differently at the start of a text (leading
+    spaces in SentencePiece) still give the same text as one decode of all ids.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
@@ -53,19 +57,22 @@ class TextAssembler:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._final = 0  # length of self.text decoded from complete characters
+        self._window = 0  # first id of the decode window
+        self._read = 0  # ids before this one are part of self.text[:self._final]
+        self._longest_stop = max((len(stop) for stop in stop), default=0)
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text that became final (may be empty)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = self._first_stop()
+        searched_from = max(0, self._final - self._longest_stop + 1)
+        self._decode()
+        cut = self._first_stop(searched_from)
         if cut is not None:
             self.text = self.text[:cut]
             self.stopped = True
             return self._release(len(self.text))
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):
-            safe = len(self.text.rstrip("\ufffd"))
+        safe = self._final
         for stop in self.stop:
             for size in range(min(len(stop) - 1, safe), 0, -1):
                 if self.text[:safe].endswith(stop[:size]):
@@ -77,8 +84,18 @@ class TextAssembler:
         """Release everything still held back."""
         return self._release(len(self.text))
 
-    def _first_stop(self) -> int | None:
-        positions = [self.text.find(stop) for stop in self.stop]
+    def _decode(self) -> None:
+        decode = self.tokenizer.decode
+        known = decode(self.ids[self._window : self._read], skip_special_tokens=True)
+        window = decode(self.ids[self._window :], skip_special_tokens=True)
+        pending = window[len(known) :]
+        self.text = self.text[: self._final] + pending
+        if pending and not pending.endswith("\ufffd"):
+            self._final = len(self.text)
+            self._window, self._read = self._read, len(self.ids)
+
+    def _first_stop(self, start: int) -> int | None:
+        positions = [self.text.find(stop, start) for stop in self.stop]
         positions = [p for p in positions if p >= 0]
         return min(positions) if positions else None
 
