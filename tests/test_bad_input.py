@@ -333,6 +333,20 @@ def test_model_folder_without_tokenizer(tmp_path):
 # ----------------------------------------------------------------- concurrency and eviction
 
 
+def test_converted_gguf_shared_across_copies(tmp_path):
+    from semshare_core.model import _content_key
+
+    data = bytes(range(256)) * 20_000
+    first, second, other = tmp_path / "a.gguf", tmp_path / "venv2" / "a.gguf", tmp_path / "b.gguf"
+    second.parent.mkdir()
+    first.write_bytes(data)
+    second.write_bytes(data)
+    other.write_bytes(data[:-1] + b"x")
+
+    assert _content_key(first) == _content_key(second)
+    assert _content_key(first) != _content_key(other)
+
+
 def test_same_prompt_twice_at_once():
     engine = tiny_engine("llama", TINY_REUSE)
     prompt = words(40)
