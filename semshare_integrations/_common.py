@@ -50,8 +50,8 @@ class SemShareSettings(BaseModel):
     model: str = Field(default=DEFAULT_MODEL)
     """Model to run: the default SmolLM2-135M-Instruct, a local transformers folder or a .gguf file.
 
-    All instances with the same ``model``, ``device`` and ``dtype`` share one engine
-    per process, so the weights load once."""
+    All instances with the same ``model``, ``device``, ``dtype`` and ``store_dir``
+    share one engine per process, so the weights load once."""
 
     device: str = Field(default="auto")
     """Torch device: "auto" (CUDA when available), "cpu" or "cuda"."""
@@ -76,6 +76,10 @@ class SemShareSettings(BaseModel):
 
     stop: list[str] | None = Field(default=None)
     """Strings that end generation; the returned text stops before the first one."""
+
+    store_dir: str | None = Field(default=None, min_length=1)
+    """Folder where references persist across processes, created when missing;
+    None keeps them in memory for the life of the process."""
 
     namespace: str = Field(default="default", min_length=1)
     """Reference namespace: prompts only borrow caches stored in the same namespace.
@@ -108,7 +112,7 @@ class SemShareSettings(BaseModel):
 
 
 # Settings that a single call may override.
-CALL_OPTIONS = frozenset(SemShareSettings.model_fields) - {"device", "dtype", "engine"}
+CALL_OPTIONS = frozenset(SemShareSettings.model_fields) - {"device", "dtype", "store_dir", "engine"}
 
 
 def call_settings(settings: SemShareSettings, overrides: dict[str, Any]) -> SemShareSettings:
@@ -132,14 +136,14 @@ def call_settings(settings: SemShareSettings, overrides: dict[str, Any]) -> SemS
 
 
 def resolve_engine(settings: SemShareSettings) -> SemShareEngine:
-    """Return ``settings.engine``, or the process-wide engine of the model, loading it on first use."""
+    """Return ``settings.engine``, or the process-wide engine of the model and store, loading it on first use."""
     if settings.engine is not None:
         return settings.engine
     model = None if settings.model == DEFAULT_MODEL else settings.model
     # The shared engines are keyed by the literal arguments: resolve "auto" first so that
     # "auto" and the device it stands for share one engine.
     device = str(resolve_device(settings.device))
-    return SemShareEngine.shared(model, device, settings.dtype)
+    return SemShareEngine.shared(model, device, settings.dtype, store_dir=settings.store_dir)
 
 
 def generation_config(settings: SemShareSettings) -> GenerationConfig:

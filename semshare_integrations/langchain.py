@@ -192,7 +192,7 @@ class ChatSemShare(_SemShareLanguageModel, BaseChatModel):
     only the tokens that deviate most are recomputed, which shortens time to
     first token. Nothing else changes for the caller: swap it in for any chat model.
 
-    All instances with the same ``model``, ``device`` and ``dtype`` share one
+    All instances with the same ``model``, ``device``, ``dtype`` and ``store_dir`` share one
     engine per process, so constructing many instances loads the weights once,
     and references stored by one instance serve the others.
 

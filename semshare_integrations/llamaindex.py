@@ -447,7 +447,8 @@ def use_semshare(**settings: Any) -> SemShare:
     llm = SemShare(**settings)
     engine = resolve_engine(llm)
     Settings.llm = llm
-    Settings.embed_model = SemShareEmbedding(model=llm.model, device=llm.device, dtype=llm.dtype, engine=llm.engine)
+    # The embedding model runs on the LLM's engine, so the weights load once.
+    Settings.embed_model = SemShareEmbedding(model=llm.model, device=llm.device, dtype=llm.dtype, engine=engine)
     Settings.tokenizer = _tokenizer_function(engine)
     return llm
 

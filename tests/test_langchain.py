@@ -338,6 +338,23 @@ def test_namespace_isolates_references():
     assert "no stored reference in namespace 'lc-tenant-b'" in other.response_metadata["fallback_reason"]
 
 
+def test_store_dir_persists_references(tmp_path, monkeypatch):
+    monkeypatch.setattr(SemShareEngine, "_shared", {})
+    settings = {"store_dir": str(tmp_path), "namespace": "lc-persist", "min_prompt_tokens": 64}
+    first = real_model(**settings).invoke(LONG_TEXT)
+    assert list(tmp_path.glob("*.safetensors"))
+    # An empty engine cache stands in for a new process that opens the same folder.
+    SemShareEngine._shared.clear()
+
+    second = real_model(**settings).invoke(LONG_TEXT)
+
+    assert first.response_metadata["reference_id"] is None
+    assert second.response_metadata["reference_id"] is not None
+    assert second.response_metadata["prefix_tokens"] > 0
+    with pytest.raises(TypeError, match="unknown per-call option"):
+        real_model(**settings).invoke(LONG_TEXT, store_dir=str(tmp_path / "other"))
+
+
 def test_llm_generation_info_and_stream():
     llm = SemShareLLM(device="cpu", max_tokens=5, reuse=False, store=False)
     prompt = "The capital of France is"
