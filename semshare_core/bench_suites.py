@@ -168,7 +168,7 @@ def extend_cache(engine: SemShareEngine, tokens: Sequence[int], cache: KVCache) 
             q = apply_rope(runner.project_q(layer, x), cos, sin)  # (n_heads, n, head_dim)
             keys = cache.k[index][:, : row + n]
             values = cache.v[index][:, : row + n]
-            hidden = runner.attend_and_mlp(layer, hidden, q, keys, values, mask, False)
+            hidden = runner.finish_layer(layer, hidden, runner.attend(q, keys, values, mask, False))
         cache.length = start + n
         if cache.layer_lengths is not None:
             cache.layer_lengths = [rows + n for rows in cache.layer_lengths]

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+# Queries at scattered positions attend in up to this many chunks of rows, each over the
+# keys up to its last row only, which skips most of the masked upper triangle.
+ATTENTION_CHUNKS = 8
+# Chunks have at least this many rows, so short row sets run as one call.
+MIN_CHUNK_ROWS = 128
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the last dimension, the pair layout of HF Llama, Mistral and Qwen."""
@@ -203,22 +209,38 @@ class TransformerRunner:
             q = attn.q_norm(q)
         return q.transpose(0, 1)
 
-    def attend_and_mlp(
-        self,
-        layer: torch.nn.Module,
-        hidden: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
-        """Finish one layer for the rows of ``hidden`` (n_rows, hidden) given their RoPE'd queries."""
+        """Return SDPA output (n_heads, n_rows, head_dim) of RoPE'd queries over keys and values."""
         # A batch dimension keeps SDPA on its fused CPU kernel; 3-D inputs fall back to the math path.
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q[None], k[None], v[None], attn_mask=mask, is_causal=is_causal, scale=self.scaling, enable_gqa=True
-        )[0]  # (n_heads, n_rows, head_dim)
-        out = out.transpose(0, 1).reshape(hidden.shape[0], self.n_heads * self.head_dim)
+        )[0]
+
+    def attend_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """Return the attention output of queries at sorted ``positions`` under an exact causal mask.
+
+        Rows run in chunks, each over the keys from its window start to its last row,
+        because a mask over all keys makes SDPA compute the whole square.
+        """
+        n_rows = positions.shape[0]
+        size = max(MIN_CHUNK_ROWS, math.ceil(n_rows / ATTENTION_CHUNKS))
+        bounds = positions.cpu().tolist()
+        outputs = []
+        for start in range(0, n_rows, size):
+            rows = slice(start, min(start + size, n_rows))
+            end = bounds[rows.stop - 1] + 1
+            begin = 0 if window is None else max(0, bounds[start] - window + 1)
+            mask = causal_mask(positions[rows], end, window, positions.device)[:, begin:]
+            outputs.append(self.attend(q[:, rows], k[:, begin:end], v[:, begin:end], mask, False))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def finish_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Apply the output projection, residuals and MLP to the rows of ``hidden`` (n_rows, hidden)."""
+        out = attention.transpose(0, 1).reshape(hidden.shape[0], self.n_heads * self.head_dim)
         hidden = hidden + layer.self_attn.o_proj(out)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -298,9 +320,12 @@ class TransformerRunner:
             if observe:
                 stats.observed_attention[index] = self._observed_attention(index, q, active, k_all, observe)
             window = self.windows[index]
-            full_causal = prefix_len == 0 and active.shape[0] == seq_len and window is None
-            mask = None if full_causal else causal_mask(active, seq_len, window, device)
-            hidden = self.attend_and_mlp(layer, hidden, q, k_all, cache.v[index, :, :seq_len], mask, full_causal)
+            values = cache.v[index, :, :seq_len]
+            if prefix_len == 0 and active.shape[0] == seq_len and window is None:
+                attention = self.attend(q, k_all, values, None, True)
+            else:
+                attention = self.attend_rows(q, k_all, values, active, window)
+            hidden = self.finish_layer(layer, hidden, attention)
 
         cache.length = seq_len
         assert int(active[-1]) == seq_len - 1, "the last token must be recomputed in every layer"
@@ -367,7 +392,7 @@ class TransformerRunner:
             q = apply_rope(self.project_q(layer, x), cos, sin)  # (n_heads, 1, head_dim)
             keys = cache.k[index][:, start : row + 1]  # (n_kv_heads, n_keys, head_dim)
             values = cache.v[index][:, start : row + 1]
-            hidden = self.attend_and_mlp(layer, hidden, q, keys, values, mask, False)
+            hidden = self.finish_layer(layer, hidden, self.attend(q, keys, values, mask, False))
         cache.length = pos + 1
         if cache.layer_lengths is not None:
             cache.layer_lengths = [rows + 1 for rows in cache.layer_lengths]

@@ -16,6 +16,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_caus
 
 from semshare_core.config import GenerationConfig, ReuseConfig
 from semshare_core.engine import SemShareEngine
+import semshare_core.forward as forward
 from semshare_core.forward import BorrowPlan, TransformerRunner, causal_mask
 
 from .conftest import ARCHITECTURES, tiny_engine, tiny_model
@@ -42,6 +43,12 @@ MODEL_IDS = list(ARCHITECTURES) + [f"{name}-sliding" for name in SLIDING_WINDOW]
 # Four paragraphs of 16 distinct tokens with ids in 4..243. Fresh tokens for edits come from 300..499.
 PARAGRAPHS = (torch.randperm(240, generator=torch.Generator().manual_seed(0))[:64] + 4).view(4, 16)
 REFERENCE = PARAGRAPHS.flatten().tolist()
+
+
+@pytest.fixture(autouse=True)
+def small_attention_chunks(monkeypatch):
+    """Split recomputed rows into chunks of 5, so that these short prompts run the chunked path."""
+    monkeypatch.setattr(forward, "MIN_CHUNK_ROWS", 5)
 
 
 def _fresh(count: int, seed: int) -> list[int]:
@@ -221,6 +228,26 @@ def test_scattered_rows_attention_exact(window):
     if window is None:
         reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, rows]
         torch.testing.assert_close(actual, reference, **TOLERANCE)
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 5, 128])
+@pytest.mark.parametrize("window", [None, 6])
+def test_chunked_rows_attention_exact(window, chunk_rows, monkeypatch):
+    """Rows attended in chunks, each over the keys up to its last row, equal one full causal pass."""
+    monkeypatch.setattr(forward, "MIN_CHUNK_ROWS", chunk_rows)
+    runner = TransformerRunner(tiny_model())
+    generator = torch.Generator().manual_seed(6)
+    seq_len = 40
+    q = torch.randn(runner.n_heads, seq_len, runner.head_dim, generator=generator)
+    k = torch.randn(runner.n_kv_heads, seq_len, runner.head_dim, generator=generator)
+    v = torch.randn(runner.n_kv_heads, seq_len, runner.head_dim, generator=generator)
+    rows = torch.tensor([0, 2, 9, 10, 11, 23, 24, 25, 26, 31, 39])
+
+    full_mask = causal_mask(torch.arange(seq_len), seq_len, window, torch.device("cpu"))
+    expected = runner.attend(q, k, v, full_mask, False)[:, rows]
+    actual = runner.attend_rows(q[:, rows], k, v, rows, window)
+
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
 
 
 @pytest.mark.parametrize("prefix_len", [0, 20])
