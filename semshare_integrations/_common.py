@@ -92,7 +92,7 @@ class SemShareSettings(BaseModel):
     """Store each prompt and its completion as a reference for later prompts."""
 
     similarity_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Minimum prompt similarity to borrow from a reference; None keeps the engine's (0.5 by default)."""
+    """Minimum prompt similarity to borrow from a reference; None keeps the engine's (0.4 by default)."""
 
     recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     """Share of borrowed tokens recomputed in the second layer; None keeps the engine's."""

@@ -143,6 +143,26 @@ def test_dissimilar_prompt_falls_back():
     assert result.similarity < REUSE.similarity_threshold
 
 
+def test_short_exact_prefix_not_lent():
+    engine = tiny_engine("llama", reuse=REUSE)
+    stored = engine.generate(DOCUMENT, NO_NEW_TOKENS).stored_reference_id
+    short_prefix = DOCUMENT[:32] + _unrelated(200, 4)  # the prefix is 14% of the prompt
+    long_prefix = DOCUMENT[:48] + _unrelated(200, 4)  # 19%
+
+    skipped = engine.prefill(short_prefix)
+    lent = engine.prefill(long_prefix)
+    forced = engine.prefill(
+        short_prefix, reuse=dataclasses.replace(REUSE, similarity_threshold=1.0), reference=engine.store.get(stored)
+    )
+
+    assert skipped.reference_id is None
+    assert skipped.recomputed_share == 1.0
+    assert lent.reference_id == stored
+    assert lent.prefix_tokens == 48
+    assert forced.reference_id is None
+    assert forced.fallback_reason.startswith(f"reference {stored} may lend only its exact prefix of 32 tokens")
+
+
 def test_reuse_disabled_falls_back():
     engine = tiny_engine("llama", reuse=REUSE)
     engine.generate(DOCUMENT, NO_NEW_TOKENS)
