@@ -239,9 +239,16 @@ def _store_reference(engine: SemShareEngine, ids: list[int], namespace: str, new
 
 
 def _timed(run: Callable[[], tuple], runs: int, seconds: Callable[[tuple], float]) -> tuple[tuple, float]:
-    """Call ``run`` ``runs`` times; return the last result and the median seconds."""
-    results = [run() for _ in range(runs)]
-    return results[-1], statistics.median(seconds(r) for r in results)
+    """Call ``run`` ``runs`` times; return the last result and the median seconds.
+
+    Each result is dropped before the next run, so that at most one run's cache is alive.
+    """
+    times = []
+    for _ in range(runs):
+        result = None
+        result = run()
+        times.append(seconds(result))
+    return result, statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- TTFT curve
