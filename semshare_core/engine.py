@@ -33,11 +33,11 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-# Prefix reuse is exact, so it is worth it below the similarity threshold from this length on,
+# Prefix reuse is exact, so below the similarity threshold a reference still lends its
+# exact prefix when that has MIN_EXACT_PREFIX tokens and MIN_PREFIX_SHARE of the prompt.
+# A shorter prefix costs more than it saves, because the other rows need masked
+# attention: lending 5-10% of a 4,000-token prompt made prefill 5-7% slower on CPU.
 MIN_EXACT_PREFIX = 32
-# and from this share of the prompt on. With a shorter prefix the masked attention of the
-# other rows costs more than the prefix saves: lending 5-10% of a 4,000-token prompt
-# made prefill 5-7% slower than a full prefill on CPU.
 MIN_PREFIX_SHARE = 0.15
 
 
@@ -300,9 +300,9 @@ class SemShareEngine:
                 raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
             role = message.get("role")
             if not isinstance(role, str) or not role:
-                raise ValueError(f"messages[{i}] has no 'role' string (got {role!r}); use 'system', 'user' or 'assistant'")
+                raise ValueError(f"messages[{i}] is missing a 'role' string (got {role!r}); use 'system', 'user' or 'assistant'")
             if message.get("content") is None and not message.get("tool_calls"):
-                raise ValueError(f"messages[{i}] ({role}) has no 'content'; pass its text, or '' for an empty turn")
+                raise ValueError(f"messages[{i}] ({role}) is missing 'content'; pass its text, or '' for an empty turn")
         kwargs = {"tools": tools} if tools else {}
         rendered = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs

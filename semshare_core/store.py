@@ -595,7 +595,7 @@ class ReferenceStore:
             self._require_open()
             if size > self.max_bytes:
                 self._stats.rejected += 1
-                # Every later prompt of this size is rejected too: say it once, then quietly.
+                # Later prompts of this size are rejected too, so only the first rejection warns.
                 log = logger.debug if self._stats.rejected > 1 else logger.warning
                 log(
                     "Reference of %d tokens (%d bytes) exceeds the store budget of %d bytes; not stored. "

@@ -416,8 +416,8 @@ def test_reference_evicted_before_load(tmp_path):
         ([], ValueError, "messages is empty"),
         ("hello", TypeError, "messages must be a list of dicts"),
         (["hello"], TypeError, r"messages\[0\] must be a dict"),
-        ([{"content": "hello"}], ValueError, r"messages\[0\] has no 'role'"),
-        ([{"role": "user", "content": "hi"}, {"role": "user"}], ValueError, r"messages\[1\] \(user\) has no 'content'"),
+        ([{"content": "hello"}], ValueError, r"messages\[0\] is missing a 'role'"),
+        ([{"role": "user", "content": "hi"}, {"role": "user"}], ValueError, r"messages\[1\] \(user\) is missing 'content'"),
     ],
     ids=["empty", "string", "not-a-dict", "no-role", "no-content"],
 )
