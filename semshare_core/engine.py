@@ -288,7 +288,8 @@ class SemShareEngine:
 
         Raises:
             ValueError: No messages, or a message without a ``role`` string or without
-                ``content`` (an assistant message may carry ``tool_calls`` instead).
+                ``content`` (an assistant message may carry ``tool_calls`` instead, and only
+                an assistant message may carry them).
             TypeError: ``messages`` is not a list of dicts.
         """
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -301,8 +302,12 @@ class SemShareEngine:
             role = message.get("role")
             if not isinstance(role, str) or not role:
                 raise ValueError(f"messages[{i}] is missing a 'role' string (got {role!r}); use 'system', 'user' or 'assistant'")
+            if message.get("tool_calls") and role != "assistant":
+                raise ValueError(f"messages[{i}] ({role}) has tool_calls, which only assistant messages may carry")
             if message.get("content") is None and not message.get("tool_calls"):
                 raise ValueError(f"messages[{i}] ({role}) is missing 'content'; pass its text, or '' for an empty turn")
+        # Templates read the content of every message, tool-call turns included.
+        messages = [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
         kwargs = {"tools": tools} if tools else {}
         rendered = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
@@ -466,19 +471,22 @@ class SemShareEngine:
         if not candidates:
             return (f"no stored reference in namespace {namespace!r}", None), None
         candidates = [dataclasses.replace(c, overlap=ngram_overlap(ids, c.entry.token_ids)) for c in candidates]
-        eligible, prefix_lenders = [], []
+        # Each choice is ranked by the share of the prompt it can serve. A reference below
+        # the thresholds, or too many generations old, lends only its exact prefix, and the
+        # new cache inherits the lender's generation, so among equal shares the oldest lends.
+        min_prefix = max(MIN_EXACT_PREFIX, MIN_PREFIX_SHARE * seq_len)
+        ranked = []
         for c in candidates:
-            if c.similarity >= reuse.similarity_threshold and c.overlap >= reuse.min_ngram_overlap:
-                eligible.append(c)
-            elif c.prefix_len >= max(MIN_EXACT_PREFIX, MIN_PREFIX_SHARE * seq_len):
-                prefix_lenders.append(c)
-        eligible.sort(key=lambda c: c.overlap + c.prefix_len / seq_len, reverse=True)
-        # A reference below the threshold lends only its exact prefix, and the new cache
-        # inherits the lender's generation, so among equal prefixes the oldest lends.
-        prefix_lenders.sort(key=lambda c: (c.prefix_len, -c.entry.generation), reverse=True)
+            similar = c.similarity >= reuse.similarity_threshold and c.overlap >= reuse.min_ngram_overlap
+            lends_fuzzily = similar and c.entry.generation < reuse.max_reference_generation
+            if lends_fuzzily or (similar and c.prefix_len >= min_prefix):
+                ranked.append((c.overlap + c.prefix_len / seq_len, -c.entry.generation, c))
+            elif c.prefix_len >= min_prefix:
+                ranked.append((c.prefix_len / seq_len, -c.entry.generation, c))
+        ranked.sort(key=lambda choice: choice[:2], reverse=True)
         # An entry evicted or unreadable before its K/V loads gives way to the next choice.
         unavailable = []
-        for choice in eligible + prefix_lenders:
+        for _, _, choice in ranked:
             # The loaded entry keeps its K/V even if the store evicts it during this request.
             entry = self.store.load(choice.entry)
             if entry is not None:
@@ -491,11 +499,17 @@ class SemShareEngine:
                 max(c.similarity for c in unavailable),
             ), None
         best = max(candidates, key=lambda c: c.similarity)
-        return (
-            f"best reference similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}"
-            f" or its 4-token overlap {best.overlap:.2f} is below min_ngram_overlap={reuse.min_ngram_overlap}",
-            best.similarity,
-        ), None
+        failed = []
+        if best.similarity < reuse.similarity_threshold:
+            failed.append(f"similarity {best.similarity:.2f} is below similarity_threshold={reuse.similarity_threshold}")
+        if best.overlap < reuse.min_ngram_overlap:
+            failed.append(f"4-token overlap {best.overlap:.2f} is below min_ngram_overlap={reuse.min_ngram_overlap}")
+        if best.entry.generation >= reuse.max_reference_generation:
+            failed.append(
+                f"generation {best.entry.generation} is not below max_reference_generation={reuse.max_reference_generation}"
+            )
+        failed.append(f"its exact prefix of {best.prefix_len} tokens is under {min_prefix:.0f}")
+        return (f"best reference {best.entry.id}: " + ", and ".join(failed), best.similarity), None
 
     def _match(self, ids, ecache, codes, candidate: Candidate, reuse: ReuseConfig) -> MatchResult:
         entry = candidate.entry

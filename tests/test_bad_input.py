@@ -426,10 +426,20 @@ def test_invalid_chat_messages(engine, messages, error, match):
         engine.apply_chat_template(messages)
 
 
-def test_assistant_tool_call_without_content_accepted(engine):
+def test_assistant_tool_call_without_content_accepted(default_engine):
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
     messages = [{"role": "user", "content": "add"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
-    assert engine.apply_chat_template(messages)
+    without_key = [messages[0], {"role": "assistant", "tool_calls": [call]}]
+    empty = [messages[0], {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+    assert default_engine.apply_chat_template(messages) == default_engine.apply_chat_template(empty)
+    assert default_engine.apply_chat_template(without_key) == default_engine.apply_chat_template(empty)
+
+
+def test_tool_calls_on_user_message_rejected(engine):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    with pytest.raises(ValueError, match=r"messages\[0\] \(user\) has tool_calls"):
+        engine.apply_chat_template([{"role": "user", "content": None, "tool_calls": [call]}])
 
 
 def test_stop_must_be_strings():

@@ -308,6 +308,21 @@ def test_max_reference_generation_limits_fuzzy_reuse():
     assert allowed.reused_tokens > len(REORDERED)
 
 
+def test_old_generation_without_prefix_gives_way():
+    engine = tiny_engine("llama", reuse=REUSE)
+    original = engine.generate(DOCUMENT, NO_NEW_TOKENS)
+    derived = engine.generate(REORDERED, NO_NEW_TOKENS)
+    assert derived.generation == 1
+    # Closest to the derived entry, but sharing only two leading tokens with it.
+    prompt = REORDERED[:2] + _unrelated(1, 5) + REORDERED[3:]
+
+    outcome = engine.prefill(prompt)
+
+    assert outcome.reference_id == original.stored_reference_id
+    assert outcome.generation == 1
+    assert outcome.fallback_reason is None
+
+
 # ----------------------------------------------------------------- self-check
 
 
