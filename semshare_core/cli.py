@@ -134,6 +134,8 @@ def run_demo_command(args) -> int:
 def run_bench_command(args) -> int:
     if args.plots and args.output_dir is None:
         raise SystemExit("error: --plots needs --output-dir, the folder the PNG files are written to")
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        raise SystemExit(f"error: --output-dir {str(args.output_dir)!r} exists and is not a folder; pass a folder path")
     articles_dir = args.articles_dir
     if articles_dir is None and (SHARED_DATA / "onestopenglish").is_dir():
         articles_dir = SHARED_DATA / "onestopenglish"

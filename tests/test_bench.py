@@ -366,11 +366,14 @@ def _refuse_to_load(args):
         (["--lengths", "0"], "got '0'"),
         (["--exact-prefix", "-1"], "--exact-prefix must be at least 0, got -1"),
         (["--pairs", "0"], "--pairs must be at least 1, got 0"),
+        (["--output-dir", "{file}"], "exists and is not a folder"),
     ],
-    ids=["plots-without-dir", "unknown-suite", "ratio", "sizes", "lengths", "exact-prefix", "pairs"],
+    ids=["plots-without-dir", "unknown-suite", "ratio", "sizes", "lengths", "exact-prefix", "pairs", "output-file"],
 )
-def test_cli_rejects_bad_options_before_loading(options, message, monkeypatch, capsys):
+def test_cli_rejects_bad_options_before_loading(options, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "_engine", _refuse_to_load)
+    (tmp_path / "file").write_text("")
+    options = [option.format(file=tmp_path / "file") for option in options]
     with pytest.raises(SystemExit) as raised:
         cli.main(["bench", *options])
     assert message in str(raised.value) + capsys.readouterr().err
