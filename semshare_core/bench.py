@@ -12,8 +12,10 @@ import json
 import logging
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from rouge_score import rouge_scorer
 from tqdm import tqdm
@@ -25,8 +27,25 @@ from .prompts import summarization_messages
 from .quality import compare, greedy_continuation, teacher_forced
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FOLLOW_UP = "Which of these stories matters most to ordinary people, and why?"
+
+
+def timed(run: Callable[[], T], runs: int, *measures: Callable[[T], float]) -> tuple[T, list[float]]:
+    """Call ``run`` ``runs`` times; return the last result and the median of each measure.
+
+    Each result is dropped before the next run, so that at most one run's cache is alive.
+    Holding every run's cache (330 MB each at 4.8k tokens) on top of the stored references
+    once made single runs take twice as long while the new cache's memory was allocated.
+    """
+    values: list[list[float]] = [[] for _ in measures]
+    for _ in range(runs):
+        result = None
+        result = run()
+        for collected, measure in zip(values, measures):
+            collected.append(measure(result))
+    return result, [statistics.median(collected) for collected in values]
 
 
 @dataclass
@@ -72,24 +91,15 @@ class Benchmark:
         """Time full prefill and SemShare on ``target`` and compare their next-token predictions."""
         engine = self.engine
         extra = self.fidelity_tokens + 1
-        # Only the last run's cache is kept. Holding every run's cache (330 MB each at 4.8k
-        # tokens) once made single runs take twice as long, while the new cache's memory
-        # was being allocated.
         engine.full_prefill(target)
-        full_times = []
-        for _ in range(self.runs):
-            full_run = None
-            full_run = engine.full_prefill(target, extra)
-            full_times.append(full_run[2])
+        full_run, (full_ttft,) = timed(lambda: engine.full_prefill(target, extra), self.runs, lambda run: run[2])
         engine.prefill(target, reuse=self.reuse)
-        semshare_times, lookup_times = [], []
-        for _ in range(self.runs):
-            outcome = None
-            outcome = engine.prefill(target, reuse=self.reuse, extra_capacity=extra)
-            semshare_times.append(outcome.ttft_s)
-            lookup_times.append(outcome.lookup_s + outcome.match_s)
-        full_ttft = statistics.median(full_times)
-        semshare_ttft = statistics.median(semshare_times)
+        outcome, (semshare_ttft, lookup_s) = timed(
+            lambda: engine.prefill(target, reuse=self.reuse, extra_capacity=extra),
+            self.runs,
+            lambda outcome: outcome.ttft_s,
+            lambda outcome: outcome.lookup_s + outcome.match_s,
+        )
 
         full_logits, full_cache, _ = full_run
         tokens, full_steps = greedy_continuation(engine, full_logits, full_cache, self.fidelity_tokens)
@@ -103,7 +113,7 @@ class Benchmark:
             semshare_ttft_s=semshare_ttft,
             recomputed_share=outcome.recomputed_share,
             similarity=outcome.similarity,
-            lookup_match_share=statistics.median(lookup_times) / full_ttft,
+            lookup_match_share=lookup_s / full_ttft,
             agreement=fidelity.agreement,
             mean_kl=fidelity.mean_kl,
             fallback_reason=outcome.fallback_reason,

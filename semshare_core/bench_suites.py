@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .articles import ArticlePair
+from .bench import timed
 from .config import GenerationConfig, RetentionConfig, ReuseConfig
 from .engine import SemShareEngine
 from .forward import BorrowPlan, KVCache, apply_rope
@@ -238,19 +239,6 @@ def _store_reference(engine: SemShareEngine, ids: list[int], namespace: str, new
     return result.text
 
 
-def _timed(run: Callable[[], tuple], runs: int, seconds: Callable[[tuple], float]) -> tuple[tuple, float]:
-    """Call ``run`` ``runs`` times; return the last result and the median seconds.
-
-    Each result is dropped before the next run, so that at most one run's cache is alive.
-    """
-    times = []
-    for _ in range(runs):
-        result = None
-        result = run()
-        times.append(seconds(result))
-    return result, statistics.median(times)
-
-
 # ----------------------------------------------------------------------------- TTFT curve
 
 
@@ -382,14 +370,14 @@ def ttft_curve(
 
 
 def _curve_point(engine, scenario, length, target, namespace, settings: SuiteSettings, extra) -> CurvePoint:
-    (full_logits, full_cache, _), full_s = _timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
-    (_, _, _, prefix_reused), prefix_s = _timed(
+    (full_logits, full_cache, _), (full_s,) = timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
+    (_, _, _, prefix_reused), (prefix_s,) = timed(
         lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2]
     )
-    (outcome,), semshare_s = _timed(
+    (outcome,), (semshare_s,) = timed(
         lambda: (engine.prefill(target, namespace, extra_capacity=extra),), settings.runs, lambda r: r[0].ttft_s
     )
-    (retained,), retention_s = _timed(
+    (retained,), (retention_s,) = timed(
         lambda: (engine.prefill(target, namespace, extra_capacity=extra, retention=settings.retention),),
         settings.runs,
         lambda r: r[0].ttft_s,
@@ -427,11 +415,11 @@ def _exact_prefix_point(engine, pairs, length, settings: SuiteSettings, new_toke
     follow_up = messages + [{"role": "assistant", "content": summary}, {"role": "user", "content": FOLLOW_UP}]
     target = engine.apply_chat_template(follow_up)
     extra = new_tokens + 1
-    (full_logits, full_cache, _), full_s = _timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
-    (_, _, _, prefix_reused), prefix_s = _timed(
+    (full_logits, full_cache, _), (full_s,) = timed(lambda: engine.full_prefill(target, extra), settings.runs, lambda r: r[2])
+    (_, _, _, prefix_reused), (prefix_s,) = timed(
         lambda: prefix_cache_prefill(engine, target, namespace), settings.runs, lambda r: r[2]
     )
-    (outcome,), semshare_s = _timed(
+    (outcome,), (semshare_s,) = timed(
         lambda: (engine.prefill(target, namespace, extra_capacity=extra),), settings.runs, lambda r: r[0].ttft_s
     )
     full_tokens, _ = greedy_continuation(engine, full_logits, full_cache, new_tokens)

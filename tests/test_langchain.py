@@ -343,7 +343,7 @@ def test_store_dir_persists_references(tmp_path, monkeypatch):
     settings = {"store_dir": str(tmp_path), "namespace": "lc-persist", "min_prompt_tokens": 64}
     first = real_model(**settings).invoke(LONG_TEXT)
     assert list(tmp_path.glob("*.safetensors"))
-    # An empty engine cache stands in for a new process that opens the same folder.
+    # With the engine cache cleared, the next model opens the folder as a new process would.
     SemShareEngine._shared.clear()
 
     second = real_model(**settings).invoke(LONG_TEXT)
